@@ -1,0 +1,1 @@
+"""DINO-3DRA bundle package: networks, data, metrics and entry points wired by ``configs/``."""
