@@ -1,0 +1,29 @@
+"""DINO-3DRA building blocks; configs use ``scripts.networks.Dino3DRA``."""
+
+from .dino_3dra import Dino3DRA, count_parameters
+from .dino_path import DinoPath
+from .encoder_weights import (
+    DEFAULT_DINO_MODEL,
+    EncoderMismatchError,
+    EncoderProvenance,
+    EncoderWeightsError,
+    load_encoder,
+)
+from .fusion import AdditiveFusion, CalibratedFusion
+from .room_lite import RoomLite
+from .slice_encoder import SliceEncoder
+
+__all__ = [
+    "DEFAULT_DINO_MODEL",
+    "AdditiveFusion",
+    "CalibratedFusion",
+    "Dino3DRA",
+    "DinoPath",
+    "EncoderMismatchError",
+    "EncoderProvenance",
+    "EncoderWeightsError",
+    "RoomLite",
+    "SliceEncoder",
+    "count_parameters",
+    "load_encoder",
+]

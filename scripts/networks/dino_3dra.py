@@ -1,0 +1,169 @@
+"""DINO-3DRA: a 3D U-Net whose three finest skips receive frozen DINO slice semantics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.networks.layers.factories import Conv
+from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
+from torch import nn
+
+from .dino_path import DinoPath
+from .encoder_weights import DEFAULT_DINO_MODEL
+from .fusion import AdditiveFusion, CalibratedFusion
+from .slice_encoder import SliceEncoder
+
+logger = logging.getLogger(__name__)
+
+NUM_DINO_SKIPS = 3
+
+
+class Dino3DRA(nn.Module):
+    """3D U-Net with DINO slice features fused into its skips (DINO-3DRA).
+
+    The U-Net has ``len(channels) - 1`` down-samplings (two 3x3x3 conv-norm-act per level, max-pool down,
+    transposed-conv up). The DINO path (frozen slice encoder -> 1x1 projections -> Room-Lite) is fused into
+    the three finest skips; the encoder path of the U-Net itself is unchanged, so ``use_dino=False`` is
+    exactly the plain U-Net. The paper's ablation rows are settings:
+
+    ==========================  ==================================================================
+    plain U-Net                 ``use_dino=False``
+    random features             ``dino_model="random"``
+    DINOv2-small                ``dino_model="facebook/dinov2-small"``
+    without calibration         ``use_calibration=False`` (plain additive injection)
+    without Room-Lite           ``use_room_lite=False``
+    ==========================  ==================================================================
+
+    Args:
+        spatial_dims: must be 3.
+        in_channels: input channels. Default 1.
+        out_channels: classes (0 background, 1 vessel, 2 aneurysm). Default 3.
+        channels: features per level, finest first; the first three are the fused skips. Default
+            ``(24, 48, 96, 320)``.
+        act: U-Net activation spec. Default LeakyReLU(0.01).
+        norm: U-Net normalisation spec. Default affine instance norm.
+        use_dino: add the DINO path. Default True.
+        use_room_lite: Room-Lite depth coherence on the DINO volumes. Default True.
+        use_calibration: calibrated fusion (else additive). Default True.
+        dino_model: encoder weights (hub id, local folder, Meta ``.pth``, ``random[:SEED]``).
+        dino_image_size: encoder input size. Default 224.
+        dino_chunk_size: slices per encoder call. Default 64.
+        dino_config: architecture overrides for ``random`` / Meta weights (tests use tiny encoders).
+        slice_axis: spatial axis the slices are taken across. Default 2 (axial for RAS volumes).
+        roi_size: training patch size; sets Room-Lite's depth-bias length. Default ``(64, 64, 64)``.
+        dino_act: activation of Room-Lite and fusion. Default ``"gelu"``.
+        dino_norm: normalisation of Room-Lite and fusion. Default ``("group", {"num_groups": 8})``.
+        local_files_only: for hub ids, never go online (``None``: cache first, then the hub).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 3,
+        channels: Sequence[int] = (24, 48, 96, 320),
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        norm: str | tuple = ("instance", {"affine": True}),
+        use_dino: bool = True,
+        use_room_lite: bool = True,
+        use_calibration: bool = True,
+        dino_model: str = DEFAULT_DINO_MODEL,
+        dino_image_size: int = 224,
+        dino_chunk_size: int = 64,
+        dino_config: dict[str, Any] | None = None,
+        slice_axis: int = 2,
+        roi_size: Sequence[int] = (64, 64, 64),
+        dino_act: str | tuple = "gelu",
+        dino_norm: str | tuple = ("group", {"num_groups": 8}),
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"Dino3DRA is a 3D network, got spatial_dims={spatial_dims}.")
+        if len(channels) < NUM_DINO_SKIPS + 1:
+            raise ValueError(f"channels needs at least {NUM_DINO_SKIPS + 1} levels, got {tuple(channels)}.")
+        if len(roi_size) != 3:
+            raise ValueError(f"roi_size must have 3 entries, got {tuple(roi_size)}.")
+        self.in_channels = in_channels
+        self.divisor = 2 ** (len(channels) - 1)
+
+        self.conv_0 = TwoConv(3, in_channels, channels[0], act, norm, True, 0.0)
+        self.downs = nn.ModuleList(
+            Down(3, channels[i - 1], channels[i], act, norm, True, 0.0) for i in range(1, len(channels))
+        )
+        self.ups = nn.ModuleList(
+            UpCat(3, channels[i], channels[i - 1], channels[i - 1], act, norm, True, 0.0, "deconv")
+            for i in range(len(channels) - 1, 0, -1)
+        )
+        self.final_conv = Conv[Conv.CONV, 3](channels[0], out_channels, kernel_size=1)
+
+        self.dino: DinoPath | None = None
+        self.fusions = nn.ModuleList()
+        if use_dino:
+            encoder = SliceEncoder(
+                dino_model, dino_image_size, slice_axis, dino_chunk_size, dino_config, local_files_only
+            )
+            skips = channels[:NUM_DINO_SKIPS]
+            self.dino = DinoPath(encoder, skips, roi_size[slice_axis], use_room_lite, dino_act, dino_norm)
+            self.fusions.extend(
+                CalibratedFusion(3, c, dino_act, dino_norm) if use_calibration else AdditiveFusion()
+                for c in skips
+            )
+
+    @property
+    def slice_encoder(self) -> SliceEncoder | None:
+        """The frozen encoder, or None for the plain U-Net."""
+        return self.dino.encoder if self.dino is not None else None
+
+    def forward(self, x: torch.Tensor, slice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Segment a patch.
+
+        Args:
+            x: (B, in_channels, D, H, W), intensities in [0, 1]; D, H, W divisible by ``2**(levels-1)``.
+            slice_embeddings: optional (B, n_slices, hidden) output of ``self.slice_encoder(x)`` computed
+                earlier; the result is identical to computing it here.
+
+        Returns:
+            logits (B, out_channels, D, H, W).
+        """
+        self._check_input(x)
+        skips = [self.conv_0(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        if self.dino is not None:
+            shapes = [s.shape[2:] for s in skips[:NUM_DINO_SKIPS]]
+            volumes = self.dino(x, shapes, slice_embeddings)
+            for level, (fusion, volume) in enumerate(zip(self.fusions, volumes, strict=True)):
+                skips[level] = fusion(skips[level], volume)
+        u = skips.pop()
+        for up in self.ups:
+            u = up(u, skips.pop())
+        return self.final_conv(u)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"Expected input of shape (B, C, D, H, W), got rank {x.ndim}: {tuple(x.shape)}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Expected {self.in_channels} input channel(s), got {x.shape[1]}: {tuple(x.shape)}."
+            )
+        if any(s % self.divisor for s in x.shape[2:]):
+            raise ValueError(
+                f"Spatial size {tuple(x.shape[2:])} is not divisible by {self.divisor} in every dimension."
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("Input contains NaN or infinite values.")
+
+
+def count_parameters(network: Dino3DRA) -> dict[str, int]:
+    """Trainable parameters: ``total``, ``dino_path`` (projections + Room-Lite + fusion), ``room_lite``."""
+
+    def n(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    dino = n(network.dino) + n(network.fusions) if network.dino is not None else 0
+    room_lite = n(network.dino.coherence) if network.dino is not None else 0
+    return {"total": n(network), "dino_path": dino, "room_lite": room_lite}

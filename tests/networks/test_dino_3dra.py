@@ -1,0 +1,139 @@
+"""The DINO-3DRA network: shapes per ablation row, parameter budget, frozen encoder, checkpoints, inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
+
+from scripts.networks import Dino3DRA, EncoderMismatchError, count_parameters
+
+ROI = (32, 32, 32)
+
+
+def tiny_net(**kwargs) -> Dino3DRA:
+    args = {
+        "dino_model": "random",
+        "dino_config": TINY_DINOV3,
+        "dino_image_size": TINY_IMAGE_SIZE,
+        "dino_chunk_size": 16,
+        "roi_size": ROI,
+        **kwargs,
+    }
+    return Dino3DRA(**args)
+
+
+ABLATIONS = {
+    "plain_unet": {"use_dino": False},
+    "full": {},
+    "random_features": {"dino_model": "random:3"},
+    "without_calibration": {"use_calibration": False},
+    "without_room_lite": {"use_room_lite": False},
+    "sagittal_slices": {"slice_axis": 0},
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("settings", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_logits_shape(settings, batch):
+    net = tiny_net(**settings)
+    assert net(torch.rand(batch, 1, *ROI)).shape == (batch, 3, *ROI)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dinov2_ablation_row(tiny_dinov2_dir, batch):
+    net = tiny_net(dino_model=str(tiny_dinov2_dir))
+    assert net.slice_encoder.num_prefix_tokens == 1  # CLS only, no registers
+    assert net(torch.rand(batch, 1, *ROI)).shape == (batch, 3, *ROI)
+
+
+def test_ablations_change_only_the_dino_path():
+    full = count_parameters(tiny_net())
+    assert count_parameters(tiny_net(use_room_lite=False))["room_lite"] == 0
+    assert count_parameters(tiny_net(use_calibration=False))["dino_path"] < full["dino_path"]
+    plain = tiny_net(use_dino=False)
+    # The plain U-Net is exactly the full network without its DINO path.
+    missing, unexpected = tiny_net().load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(k.startswith(("dino.", "fusions.")) for k in missing)
+    assert count_parameters(plain)["total"] == full["total"] - full["dino_path"]
+
+
+def test_full_size_parameter_budget():
+    """Full-size ViT-S/16 encoder (random weights): the paper's 5.72M / 116K / 21K within 10%."""
+    counts = count_parameters(Dino3DRA(dino_model="random"))
+    assert counts["total"] == pytest.approx(5.72e6, rel=0.10)
+    assert counts["dino_path"] == pytest.approx(116e3, rel=0.10)
+    assert counts["room_lite"] == pytest.approx(21e3, rel=0.10)
+
+
+def test_encoder_stays_frozen_through_an_optimizer_step():
+    net = tiny_net()
+    backbone = net.slice_encoder.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    backbone_ids = {id(p) for p in backbone.parameters()}
+    assert not backbone_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+    net.train()
+    assert not backbone.training
+    loss = net(torch.rand(2, 1, *ROI)).square().mean()
+    loss.backward()
+    optimizer.step()
+
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not any(k.startswith("dino.encoder.backbone") for k in net.state_dict())
+
+
+def test_precomputed_embeddings_give_identical_logits():
+    net = tiny_net().eval()
+    x = torch.rand(2, 1, *ROI)
+    with torch.no_grad():
+        embeddings = net.slice_encoder(x)
+        assert embeddings.shape == (2, ROI[2], TINY_DINOV3["hidden_size"])
+        torch.testing.assert_close(net(x, slice_embeddings=embeddings), net(x), rtol=0, atol=0)
+
+
+def test_checkpoint_round_trip_with_random_encoder(tmp_path):
+    x = torch.rand(1, 1, *ROI)
+    trained = tiny_net(dino_model="random:7").eval()
+    torch.nn.init.normal_(trained.fusions[0].mix.weight)  # something a fresh network would not have
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+
+    restored = tiny_net(dino_model="random:7").eval()
+    restored.load_state_dict(torch.load(path, weights_only=False))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), trained(x), rtol=0, atol=0)
+
+    with pytest.raises(EncoderMismatchError, match="random:7"):
+        tiny_net(dino_model="random:8").load_state_dict(torch.load(path, weights_only=False))
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(1, 32, 32, 32), "rank 4"),
+        (torch.rand(1, 2, 32, 32, 32), "input channel"),
+        (torch.rand(1, 1, 32, 30, 32), "divisible by 8"),
+        (torch.full((1, 1, 32, 32, 32), float("nan")), "NaN"),
+    ],
+    ids=["rank", "channels", "size", "nan"],
+)
+def test_bad_input_raises(x, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_net(use_dino=False)(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"spatial_dims": 2}, "spatial_dims"),
+        ({"channels": (8, 16, 32)}, "levels"),
+        ({"slice_axis": 3}, "slice_axis"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_net(**kwargs)
