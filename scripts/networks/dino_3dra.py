@@ -57,6 +57,7 @@ class Dino3DRA(nn.Module):
         dino_act: activation of Room-Lite and fusion. Default ``"gelu"``.
         dino_norm: normalisation of Room-Lite and fusion. Default ``("group", {"num_groups": 8})``.
         local_files_only: for hub ids, never go online (``None``: cache first, then the hub).
+        dino_dtype: dtype the frozen encoder runs in, ``"float32"`` or ``"bfloat16"``. Default float32.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class Dino3DRA(nn.Module):
         dino_act: str | tuple = "gelu",
         dino_norm: str | tuple = ("group", {"num_groups": 8}),
         local_files_only: bool | None = None,
+        dino_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -104,7 +106,13 @@ class Dino3DRA(nn.Module):
         self.fusions = nn.ModuleList()
         if use_dino:
             encoder = SliceEncoder(
-                dino_model, dino_image_size, slice_axis, dino_chunk_size, dino_config, local_files_only
+                dino_model,
+                dino_image_size,
+                slice_axis,
+                dino_chunk_size,
+                dino_config,
+                local_files_only,
+                dino_dtype,
             )
             skips = channels[:NUM_DINO_SKIPS]
             self.dino = DinoPath(encoder, skips, roi_size[slice_axis], use_room_lite, dino_act, dino_norm)

@@ -44,6 +44,8 @@ class SliceEncoder(nn.Module):
         chunk_size: slices per encoder call. Default 64.
         dino_config: architecture overrides for ``random`` or Meta ``.pth`` weights (tests use tiny ones).
         local_files_only: for hub ids, never go online (``None``: try the cache first, see ``load_encoder``).
+        dtype: dtype the backbone runs in, ``"float32"`` or ``"bfloat16"`` (about 2x faster on CPUs with
+            bf16 support; embeddings differ by ~0.5% relative). The provenance hash is of the loaded weights.
     """
 
     def __init__(
@@ -54,8 +56,11 @@ class SliceEncoder(nn.Module):
         chunk_size: int = 64,
         dino_config: dict[str, Any] | None = None,
         local_files_only: bool | None = None,
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
         if slice_axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2 (a spatial axis of D, H, W), got {slice_axis}.")
         if image_size < 1 or chunk_size < 1:
@@ -66,13 +71,16 @@ class SliceEncoder(nn.Module):
             raise ValueError(
                 f"image_size {image_size} is not a multiple of the encoder's patch size {patch}."
             )
-        object.__setattr__(self, "backbone", loaded.model)  # frozen: kept out of the module tree on purpose
+        object.__setattr__(
+            self, "backbone", loaded.model.to(getattr(torch, dtype))
+        )  # frozen: kept out of the module tree on purpose
         self.provenance: EncoderProvenance = loaded.provenance
         self.hidden_size = loaded.hidden_size
         self.num_prefix_tokens = loaded.num_prefix_tokens
         self.image_size = image_size
         self.slice_axis = slice_axis
         self.chunk_size = chunk_size
+        self.dtype = getattr(torch, dtype)
         self.register_buffer("image_mean", torch.tensor(loaded.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(loaded.image_std).view(1, 3, 1, 1), persistent=False)
         self.cache: EmbeddingCache | None = None
@@ -85,6 +93,7 @@ class SliceEncoder(nn.Module):
             self.image_size,
             self.image_mean.flatten().tolist(),
             self.image_std.flatten().tolist(),
+            str(self.dtype),
             PREPROCESSING_VERSION,
         )
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
@@ -127,7 +136,7 @@ class SliceEncoder(nn.Module):
         # (N, h, w) -> (N, 1, S, S) -> (N, 3, S, S), normalised like the encoder's training images
         images = F.interpolate(chunk.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
         images = (images.expand(-1, 3, -1, -1) - self.image_mean) / self.image_std
-        tokens = self.backbone(pixel_values=images).last_hidden_state
+        tokens = self.backbone(pixel_values=images.to(self.dtype)).last_hidden_state
         # (N, prefix + patches, hidden) -> (N, patches, hidden) -> (N, hidden)
         return tokens[:, self.num_prefix_tokens :].mean(dim=1).float()
 

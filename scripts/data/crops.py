@@ -1,0 +1,108 @@
+"""Label-balanced training crops whose in-plane windows repeat, so slice embeddings can be reused."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable, SpatialCrop
+from monai.transforms.traits import MultiSampleTrait
+
+
+def aligned_starts(size: int, roi: int, grid: int) -> np.ndarray:
+    """Allowed crop starts along one axis: multiples of ``grid`` plus the last valid start ``size - roi``."""
+    if roi > size:
+        raise ValueError(f"Crop of {roi} voxels does not fit an axis of {size} voxels: pad the volume first.")
+    return np.union1d(np.arange(0, size - roi + 1, grid), [size - roi])
+
+
+class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampleTrait):
+    """Random crops centred on a voxel of a class drawn with ``ratios``, with in-plane starts on a grid.
+
+    A slice embedding depends on the slice's in-plane window only, not on where along the slice axis the
+    crop starts. Snapping the two in-plane starts to multiples of ``grid`` (and the last valid start)
+    bounds the distinct windows of a ``S x S`` slice to ``(ceil((S - roi) / grid) + 1) ** 2``, so after the
+    first epoch nearly every slice of every crop is an embedding-cache hit, while the start along the slice
+    axis stays free. A crop centre moves by at most ``grid / 2`` voxels in-plane.
+
+    Args:
+        keys: keys to crop (image and label).
+        label_key: the label used to pick centres, (1, D, H, W).
+        spatial_size: crop size.
+        ratios: sampling weight of each class 0..len(ratios)-1; classes absent from a case are skipped.
+        num_samples: crops per case. Default 1.
+        grid: in-plane start grid in voxels. Default 32; 1 disables alignment.
+        slice_axis: the spatial axis slices are taken across (free start). Default 2.
+        allow_missing_keys: as in MONAI.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str,
+        spatial_size: Sequence[int],
+        ratios: Sequence[float],
+        num_samples: int = 1,
+        grid: int = 32,
+        slice_axis: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(spatial_size) != 3 or min(spatial_size) < 1:
+            raise ValueError(f"spatial_size must be 3 positive sizes, got {spatial_size}.")
+        if not ratios or min(ratios) < 0 or sum(ratios) <= 0:
+            raise ValueError(f"ratios must be non-negative with a positive sum, got {ratios}.")
+        if grid < 1 or num_samples < 1 or slice_axis not in (0, 1, 2):
+            raise ValueError(f"Invalid grid={grid}, num_samples={num_samples} or slice_axis={slice_axis}.")
+        self.label_key = label_key
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.ratios = np.asarray(ratios, dtype=float)
+        self.num_samples = num_samples
+        self.grid = grid
+        self.slice_axis = slice_axis
+
+    def randomize(self, label: np.ndarray) -> list[tuple[int, int, int]]:
+        """Crop starts for one case. ``label``: (D, H, W) integer classes."""
+        shape = label.shape
+        flat = label.reshape(-1)
+        weights = np.array([r if np.any(flat == c) else 0.0 for c, r in enumerate(self.ratios)])
+        if weights.sum() == 0:  # none of the weighted classes present: centre anywhere
+            weights = np.ones(1)
+            members = [np.arange(flat.size)]
+        else:
+            members = [np.flatnonzero(flat == c) if w > 0 else None for c, w in enumerate(weights)]
+        starts = []
+        for _ in range(self.num_samples):
+            cls = self.R.choice(len(weights), p=weights / weights.sum())
+            centre = np.unravel_index(self.R.choice(members[cls]), shape)
+            start = []
+            for axis, (c, size, roi) in enumerate(zip(centre, shape, self.spatial_size, strict=True)):
+                wanted = int(np.clip(c - roi // 2, 0, size - roi))
+                if axis != self.slice_axis:
+                    allowed = aligned_starts(size, roi, self.grid)
+                    wanted = int(allowed[np.argmin(np.abs(allowed - wanted))])
+                start.append(wanted)
+            starts.append(tuple(start))
+        return starts
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        label = data[self.label_key]
+        label = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        if any(s < r for s, r in zip(label.shape[1:], self.spatial_size, strict=True)):
+            raise ValueError(
+                f"Case of spatial shape {label.shape[1:]} is smaller than the crop {self.spatial_size}: "
+                "pad it first."
+            )
+        samples = []
+        for start in self.randomize(label[0].astype(np.int64)):
+            crop = SpatialCrop(
+                roi_start=start, roi_end=[s + r for s, r in zip(start, self.spatial_size, strict=True)]
+            )
+            sample = dict(data)
+            for key in self.key_iterator(sample):
+                sample[key] = crop(sample[key])
+            samples.append(sample)
+        return samples
