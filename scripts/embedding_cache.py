@@ -75,6 +75,7 @@ class SliceEmbeddingCache:
         todo: dict[str, int] = {}  # key -> index of its first slice: repeated content is encoded once
         for index, key in enumerate(keys):
             if key in found or key in todo:
+                self.stats["memory_hits"] += 1  # same content earlier in this batch
                 continue
             cached = self._lookup(key)
             if cached is None:

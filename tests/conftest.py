@@ -52,3 +52,40 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
     )
     Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+def write_tiny_case(
+    path_image: Path, path_label: Path, seed: int, shape=(40, 40, 40), spacing=(0.4, 0.4, 0.4)
+):
+    """A bright tube along the last axis with a spherical bulge: labels 1 (tube) and 2 (bulge)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    cx, cy = shape[0] / 2 + rng.uniform(-4, 4), shape[1] / 2 + rng.uniform(-4, 4)
+    label = np.zeros(shape, np.uint8)
+    label[(x - cx) ** 2 + (y - cy) ** 2 < 9] = 1
+    cz = shape[2] / 2 + rng.uniform(-5, 5)
+    label[((x - cx - 4) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < 16) & (label == 0)] = 2
+    image = np.where(label > 0, 1000.0, 50.0) + rng.normal(0, 20, shape)
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path_image)
+    nib.save(nib.Nifti1Image(label, affine), path_label)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Three tiny labelled cases (training, validation, test) with a dataset.json datalist."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    entries = {}
+    for split, seed in (("training", 0), ("validation", 1), ("test", 2)):
+        for folder in ("images", "labels"):
+            (root / folder).mkdir(exist_ok=True)
+        name = f"case_{seed:03d}.nii.gz"
+        write_tiny_case(root / "images" / name, root / "labels" / name, seed)
+        entries[split] = [{"image": f"images/{name}", "label": f"labels/{name}"}]
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root

@@ -1,0 +1,94 @@
+"""Which dataset a workflow reads: the user's (``dataset_dir`` with a ``dataset.json``) or the synthetic one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATALIST_NAME = "dataset.json"
+
+
+def resolve_datalist(
+    dataset_dir: str | None,
+    synthetic_dir: str,
+    synthetic_cases: int = 16,
+    synthetic_seed: int = 0,
+    synthetic_centre: str = "A",
+) -> str:
+    """Path of the datalist to read, generating the synthetic default dataset when none is given.
+
+    Args:
+        dataset_dir: the user's dataset folder holding ``dataset.json`` (Decathlon-style datalist with
+            ``training`` / ``validation`` / ``test`` lists of ``{"image": ..., "label": ...}``, paths
+            relative to the folder), or None for the synthetic default.
+        synthetic_dir: where the synthetic dataset lives (generated once, then reused).
+        synthetic_cases, synthetic_seed, synthetic_centre: how to generate it.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` is given but has no datalist.
+    """
+    if dataset_dir:
+        path = Path(dataset_dir) / DATALIST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no datalist. A dataset folder needs a dataset.json with 'training', 'validation' "
+                "and 'test' lists of {'image': ..., 'label': ...} entries (see README, 'Your own data'); "
+                "leave dataset_dir unset to use the synthetic phantoms."
+            )
+        return str(path)
+    from scripts.synthetic import ensure_dataset
+
+    return ensure_dataset(
+        synthetic_dir, num_cases=synthetic_cases, seed=synthetic_seed, centre=synthetic_centre
+    )
+
+
+def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
+    """Entries of one split with absolute paths, every referenced file checked to exist.
+
+    Raises:
+        ValueError: the datalist is unreadable or lacks ``key``.
+        FileNotFoundError: an entry names a file that does not exist (the message names both).
+    """
+    from monai.data import load_decathlon_datalist
+
+    path = Path(datalist)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the datalist ({error}).") from error
+    if key not in raw:
+        raise ValueError(f"{path}: no '{key}' list (it has {sorted(raw)}).")
+    entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    for entry in entries:
+        for field in ("image", "label"):
+            if field in entry and not Path(entry[field]).is_file():
+                raise FileNotFoundError(f"{path}: '{key}' entry names {entry[field]}, which does not exist.")
+    logger.info("%s: %d '%s' cases", path, len(entries), key)
+    return entries
+
+
+def inference_inputs(dataset_dir: str | None = None, input_files: list[str] | None = None) -> list[dict]:
+    """``[{"image": path}, ...]`` for inference: the given files, or every NIfTI file in ``dataset_dir``.
+
+    Raises:
+        ValueError: neither or no volumes given.
+        FileNotFoundError: a named file does not exist.
+    """
+    if input_files:
+        files = [Path(f) for f in ([input_files] if isinstance(input_files, str) else input_files)]
+    elif dataset_dir:
+        files = sorted(p for p in Path(dataset_dir).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    else:
+        raise ValueError(
+            "Inference needs input_files (a list of NIfTI files) or dataset_dir (a folder of them)."
+        )
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Inference input file(s) not found: {missing}")
+    if not files:
+        raise ValueError(f"{dataset_dir}: no .nii or .nii.gz files to segment.")
+    return [{"image": str(f)} for f in files]

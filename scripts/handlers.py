@@ -1,0 +1,227 @@
+"""Ignite handlers the configs attach: progress with ETA, cache hit rates, per-case evaluation, resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from scripts.metrics import DEFAULT_CLASSES, case_metrics, format_markdown_table, summarize
+
+logger = logging.getLogger(__name__)
+
+
+def class_output(index: int) -> Callable[[Any], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """``output_transform`` for a metric of one class: one-hot ``pred``/``label`` -> that channel only."""
+
+    def select(output: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        items = output if isinstance(output, list) else [output]
+        # each item: (C, D, H, W) one-hot -> (1, D, H, W)
+        return [i["pred"][index : index + 1] for i in items], [i["label"][index : index + 1] for i in items]
+
+    return select
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+class ProgressLogger:
+    """Log each finished epoch with its time, the running loss and an ETA for the whole run."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _start(self, engine: Engine) -> None:
+        self._started, self._first_epoch = time.perf_counter(), engine.state.epoch
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        state = engine.state
+        elapsed = time.perf_counter() - self._started
+        done = state.epoch - self._first_epoch
+        eta = elapsed / max(done, 1) * (state.max_epochs - state.epoch)
+        loss = state.output[0]["loss"] if isinstance(state.output, list) else state.output["loss"]
+        logger.info(
+            "epoch %d/%d done: last loss %.4f, %.0f s elapsed, ETA %.0f s", state.epoch, state.max_epochs,
+            float(loss), elapsed, eta,
+        )  # fmt: skip
+
+
+class EmbeddingCacheStats:
+    """Log the slice-embedding cache's hit rate over each epoch of one engine.
+
+    Lookups are counted per iteration of the engine it is attached to, so a validation run nested in a
+    training epoch (sharing the cache) is not counted as training, and vice versa.
+
+    Args:
+        network: the network whose ``slice_encoder.cache`` is reported; nothing is logged without one.
+        name: what the log line calls the engine (e.g. ``"train"``).
+    """
+
+    def __init__(self, network: torch.nn.Module, name: str = "train") -> None:
+        encoder = getattr(getattr(network, "module", network), "slice_encoder", None)
+        self.cache = encoder.cache if encoder is not None else None
+        self.name = name
+
+    def attach(self, engine: Engine) -> None:
+        if self.cache is None:
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._snapshot)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.counts = dict.fromkeys(self.cache.stats, 0)
+
+    def _snapshot(self, engine: Engine) -> None:
+        self.before = dict(self.cache.stats)
+
+    def _accumulate(self, engine: Engine) -> None:
+        for key, value in self.cache.stats.items():
+            self.counts[key] += value - self.before[key]
+
+    def _report(self, engine: Engine) -> None:
+        hits = self.counts["memory_hits"] + self.counts["disk_hits"]
+        total = hits + self.counts["misses"]
+        rate = hits / total if total else 0.0
+        engine.state.metrics[f"{self.name}_cache_hit_rate"] = rate
+        logger.info(
+            "%s epoch %d: slice-embedding cache hit rate %.1f%% (%d memory, %d disk hits, %d slices encoded)",
+            self.name, engine.state.epoch, 100 * rate, self.counts["memory_hits"], self.counts["disk_hits"],
+            self.counts["misses"],
+        )  # fmt: skip
+
+
+class SegmentationMetricsWriter:
+    """Score every evaluated case with :mod:`scripts.metrics` and write the per-case and summary files.
+
+    Each prediction is compared with the label in the label's own geometry and spacing: ``pred_key`` must
+    hold the discrete prediction inverted to that geometry (``Invertd`` + ``AsDiscreted(argmax=True)``).
+    On completion writes ``per_case.csv``, ``summary.json`` and ``summary.md`` to ``output_dir``.
+
+    Args:
+        output_dir: folder for the three files.
+        pred_key: key of the (1, D, H, W) discrete prediction. Default ``"pred"``.
+        label_key: key of the (1, D, H, W) original label (with its ``pixdim`` meta). Default ``"label"``.
+        classes: label value -> class name. Default vessel and aneurysm.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        classes: dict[int, str] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.pred_key, self.label_key = pred_key, label_key
+        self.classes = classes or DEFAULT_CLASSES
+        self.records: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.records.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._score)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _score(self, engine: Engine) -> None:
+        for batch_item, output_item in zip(engine.state.batch, engine.state.output, strict=True):
+            item = {**batch_item, **output_item}  # extra keys such as the original label stay in the batch
+            label = item[self.label_key]
+            case = Path(str(label.meta.get("filename_or_obj", f"case_{len(self.records)}"))).name
+            spacing = tuple(float(s) for s in label.meta["pixdim"][1:4])
+            pred = item[self.pred_key][0].detach().cpu().numpy().astype(np.int64)
+            record = {
+                "case": case,
+                **case_metrics(pred, label[0].cpu().numpy().astype(np.int64), spacing, self.classes),
+            }
+            self.records.append(record)
+            logger.info(
+                "%s: %s",
+                case,
+                ", ".join(f"{n} Dice {record[f'{n}_dice']:.3f}" for n in self.classes.values()),
+            )
+
+    def _write(self, engine: Engine) -> None:
+        summary = summarize(self.records)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(self.records[0]))
+        writer.writeheader()
+        writer.writerows(self.records)
+        write_atomically(self.output_dir / "per_case.csv", table.getvalue())
+        write_atomically(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+        write_atomically(self.output_dir / "summary.md", format_markdown_table(summary) + "\n")
+        engine.state.metrics["summary"] = summary
+        logger.info(
+            "Evaluation of %d cases written to %s\n%s",
+            len(self.records),
+            self.output_dir,
+            format_markdown_table(summary),
+        )
+
+
+class ResumeFrom:
+    """Restore a resumable checkpoint into the trainer and ``load_dict`` when ``path`` is given.
+
+    The engine it is attached to is restored as ``"trainer"`` (a config cannot name the trainer inside
+    the trainer's own handler list).
+
+    Args:
+        path: a checkpoint written by :class:`ResumableCheckpoint`, or None to start afresh.
+        load_dict: the other objects to restore (network, optimizer, scheduler).
+        map_location: as in ``torch.load``.
+    """
+
+    def __init__(self, path: str | None, load_dict: dict[str, Any], map_location: Any = None) -> None:
+        self.path, self.load_dict, self.map_location = path, load_dict, map_location
+
+    def attach(self, engine: Engine) -> None:
+        if not self.path:
+            return
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"{self.path}: resume checkpoint not found.")
+        logger.info("Resuming from %s", self.path)
+        load_dict = {**self.load_dict, "trainer": engine}
+        CheckpointLoader(load_path=self.path, load_dict=load_dict, map_location=self.map_location).attach(
+            engine
+        )
+
+
+class ResumableCheckpoint:
+    """Save ``save_dict`` plus the trainer's state every ``save_interval`` epochs (latest kept).
+
+    Args:
+        save_dir: folder of ``checkpoint_epoch=N.pt``.
+        save_dict: objects to save besides the trainer (network, optimizer, scheduler).
+        save_interval: epochs between saves. Default 1.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict[str, Any], save_interval: int = 1) -> None:
+        self.save_dir, self.save_dict, self.save_interval = save_dir, save_dict, save_interval
+
+    def attach(self, engine: Engine) -> None:
+        CheckpointSaver(
+            save_dir=self.save_dir,
+            save_dict={**self.save_dict, "trainer": engine},
+            save_interval=self.save_interval,
+            epoch_level=True,
+            n_saved=1,
+        ).attach(engine)
