@@ -1,0 +1,51 @@
+"""Synthetic 3DRA data: vessel trees, aneurysms and look-alikes, 3DRA appearance, centres, previews.
+
+``generate_case(seed, centre)`` is the entry point; ``scripts.synthetic`` writes datasets from it.
+"""
+
+from .appearance import render_intensity
+from .centres import CENTRES, DEFAULT_CENTRE, Centre, get_centre
+from .lesions import Aneurysm, HardNegative, place_aneurysms, place_hard_negatives, sample_aneurysm_size
+from .phantom import (
+    GENERATOR_VERSION,
+    LABELS,
+    Phantom,
+    PhantomGeometry,
+    generate_case,
+    generate_geometry,
+    phantom_affine,
+    render_labels,
+)
+from .preview import save_preview
+from .raster import DistanceField, occupancy
+from .vessel_tree import Bifurcation, Crossing, Loop, Tube, VesselTree, grow_vessel_tree
+
+__all__ = [
+    "CENTRES",
+    "DEFAULT_CENTRE",
+    "GENERATOR_VERSION",
+    "LABELS",
+    "Aneurysm",
+    "Bifurcation",
+    "Centre",
+    "Crossing",
+    "DistanceField",
+    "HardNegative",
+    "Loop",
+    "Phantom",
+    "PhantomGeometry",
+    "Tube",
+    "VesselTree",
+    "generate_case",
+    "generate_geometry",
+    "get_centre",
+    "grow_vessel_tree",
+    "occupancy",
+    "phantom_affine",
+    "place_aneurysms",
+    "place_hard_negatives",
+    "render_intensity",
+    "render_labels",
+    "sample_aneurysm_size",
+    "save_preview",
+]

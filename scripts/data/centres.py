@@ -1,0 +1,174 @@
+"""Named acquisition "centres": the appearance and geometry styles of the synthetic 3DRA phantoms.
+
+A centre stands for one hospital's C-arm, reconstruction kernel and case mix. Training on one centre and
+testing on the others is the synthetic cross-dataset experiment, so the centres differ in ways that a
+model can notice: voxel spacing and field of view, contrast, noise, blur, bone and streak artifacts, and
+the aneurysm size mix.
+
+Intensity unit: arbitrary units (AU) shaped like a reconstructed, non-subtracted 3DRA volume. Soft
+tissue background sits at about 50-220 AU, an opacified lumen at full contrast at about 900-2000 AU, bone
+at 0.5-1.0 times the lumen. Noise is not clipped, so a few background voxels fall slightly below 0.
+Training is expected to rescale with percentiles, not with fixed numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["CENTRES", "DEFAULT_CENTRE", "Centre", "get_centre"]
+
+
+@dataclass(frozen=True)
+class Centre:
+    """Acquisition style of one synthetic centre. Ranges are ``(low, high)`` and drawn uniformly per case.
+
+    Args:
+        name: short name, e.g. ``"A"``.
+        description: one line for humans and ``dataset.json``.
+        spacing: voxel spacing in mm along (X, Y, Z).
+        shape: volume shape in voxels along (X, Y, Z); the field of view is ``shape * spacing``.
+        lumen_intensity: AU of a fully opacified lumen.
+        background_intensity: AU of the soft-tissue background.
+        noise_sigma: standard deviation (AU) of the additive, slightly correlated noise.
+        noise_relative: extra noise standard deviation as a fraction of the local signal (quantum noise).
+        blur_mm: Gaussian point-spread sigma in mm along (X, Y, Z).
+        inhomogeneity: relative amplitude of the smooth multiplicative gain field (cupping, heel effect).
+        p_bone: probability that a case shows a bright bone-like plate (skull base, clinoid).
+        p_streaks: probability that a case shows in-plane streak artifacts.
+        aneurysm_median_mm: median of the log-normal dome-size distribution (largest dimension, mm).
+        aneurysm_sigma_log: sigma of that log-normal (natural log).
+        aneurysm_min_mm: smallest dome size; anything smaller is a vessel bulge, not an aneurysm.
+        aneurysm_max_mm: largest dome size (also capped by the field of view).
+        aneurysm_count_probs: probabilities of 0, 1 and 2 aneurysms per case.
+    """
+
+    name: str
+    description: str
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    lumen_intensity: tuple[float, float]
+    background_intensity: tuple[float, float]
+    noise_sigma: float
+    noise_relative: float
+    blur_mm: tuple[float, float, float]
+    inhomogeneity: float
+    p_bone: float
+    p_streaks: float
+    aneurysm_median_mm: float
+    aneurysm_sigma_log: float
+    aneurysm_min_mm: float = 3.0
+    aneurysm_max_mm: float = 15.0
+    aneurysm_count_probs: tuple[float, float, float] = (0.15, 0.65, 0.20)
+
+    def __post_init__(self) -> None:
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"Centre {self.name!r}: spacing must be 3 positive numbers, got {self.spacing}.")
+        if len(self.shape) != 3 or min(self.shape) < 16:
+            raise ValueError(f"Centre {self.name!r}: shape must be 3 sizes >= 16, got {self.shape}.")
+        for field in ("lumen_intensity", "background_intensity"):
+            low, high = getattr(self, field)
+            if not 0 <= low <= high:
+                raise ValueError(
+                    f"Centre {self.name!r}: {field} must be 0 <= low <= high, got {(low, high)}."
+                )
+        if self.background_intensity[1] >= self.lumen_intensity[0]:
+            raise ValueError(
+                f"Centre {self.name!r}: background_intensity {self.background_intensity} must stay below "
+                f"lumen_intensity {self.lumen_intensity}."
+            )
+        for field in ("p_bone", "p_streaks"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(
+                    f"Centre {self.name!r}: {field} must be in [0, 1], got {getattr(self, field)}."
+                )
+        probs = self.aneurysm_count_probs
+        if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(
+                f"Centre {self.name!r}: aneurysm_count_probs must be 3 probabilities summing to 1, got {probs}."
+            )
+        if not 0 < self.aneurysm_min_mm < self.aneurysm_median_mm < self.aneurysm_max_mm:
+            raise ValueError(
+                f"Centre {self.name!r}: need 0 < aneurysm_min_mm < aneurysm_median_mm < aneurysm_max_mm, got "
+                f"{self.aneurysm_min_mm}, {self.aneurysm_median_mm}, {self.aneurysm_max_mm}."
+            )
+        if self.noise_sigma < 0 or self.noise_relative < 0 or min(self.blur_mm) < 0 or self.inhomogeneity < 0:
+            raise ValueError(
+                f"Centre {self.name!r}: noise_sigma, noise_relative, blur_mm and inhomogeneity must be >= 0."
+            )
+
+    @property
+    def fov_mm(self) -> tuple[float, float, float]:
+        """Field of view in mm along (X, Y, Z)."""
+        return tuple(float(n * s) for n, s in zip(self.shape, self.spacing, strict=True))
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable copy of every field (for ``dataset.json``)."""
+        return dataclasses.asdict(self)
+
+
+CENTRES: dict[str, Centre] = {
+    "A": Centre(
+        name="A",
+        description="default: isotropic 0.4 mm, 41.6 mm field of view, high contrast, low noise",
+        spacing=(0.4, 0.4, 0.4),
+        shape=(104, 104, 104),
+        lumen_intensity=(1300.0, 1900.0),
+        background_intensity=(60.0, 160.0),
+        noise_sigma=25.0,
+        noise_relative=0.02,
+        blur_mm=(0.25, 0.25, 0.25),
+        inhomogeneity=0.08,
+        p_bone=0.25,
+        p_streaks=0.25,
+        aneurysm_median_mm=5.5,
+        aneurysm_sigma_log=0.40,
+    ),
+    "B": Centre(
+        name="B",
+        description="0.3 mm in-plane, 0.5 mm slices, 54 mm field of view, lower contrast, more noise",
+        spacing=(0.3, 0.3, 0.5),
+        shape=(180, 180, 100),
+        lumen_intensity=(900.0, 1400.0),
+        background_intensity=(120.0, 240.0),
+        noise_sigma=60.0,
+        noise_relative=0.04,
+        blur_mm=(0.2, 0.2, 0.35),
+        inhomogeneity=0.15,
+        p_bone=0.3,
+        p_streaks=0.4,
+        aneurysm_median_mm=5.0,
+        aneurysm_sigma_log=0.40,
+    ),
+    "C": Centre(
+        name="C",
+        description="isotropic 0.5 mm, 56 mm field of view, more blur, frequent bone and streaks, larger aneurysms",
+        spacing=(0.5, 0.5, 0.5),
+        shape=(112, 112, 112),
+        lumen_intensity=(1200.0, 2000.0),
+        background_intensity=(40.0, 140.0),
+        noise_sigma=35.0,
+        noise_relative=0.03,
+        blur_mm=(0.5, 0.5, 0.5),
+        inhomogeneity=0.1,
+        p_bone=0.7,
+        p_streaks=0.7,
+        aneurysm_median_mm=8.0,
+        aneurysm_sigma_log=0.35,
+    ),
+}
+
+DEFAULT_CENTRE = "A"
+
+
+def get_centre(centre: str | Centre) -> Centre:
+    """Look a centre up by name (a :class:`Centre` passes through, so callers may use a modified one).
+
+    Raises:
+        ValueError: if the name is unknown; the message lists the known names.
+    """
+    if isinstance(centre, Centre):
+        return centre
+    if centre not in CENTRES:
+        raise ValueError(f"Unknown centre {centre!r}; known centres: {sorted(CENTRES)}.")
+    return CENTRES[centre]

@@ -1,0 +1,189 @@
+"""PNG previews of a 3DRA volume: maximum-intensity projections with the labels drawn on top (Pillow only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+__all__ = ["save_preview"]
+
+_ANEURYSM_RGB = np.array([255, 40, 40], dtype=np.float32)
+_VESSEL_RGB = np.array([40, 220, 90], dtype=np.float32)
+
+
+def _window(mip: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((mip - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _panel(
+    gray: np.ndarray,
+    aneurysm: np.ndarray,
+    vessel: np.ndarray | None,
+    pixel_mm: tuple[float, float],
+    scale: float,
+    alpha: float,
+) -> Image.Image:
+    """One (rows, cols) panel -> RGB image resampled to square pixels of ``scale`` px/mm."""
+    rgb = np.repeat(gray[..., None] * 255.0, 3, axis=-1)
+    if vessel is not None:
+        edge = _outline(vessel)
+        rgb[edge] = 0.65 * rgb[edge] + 0.35 * _VESSEL_RGB
+    rgb[aneurysm] = (1 - alpha) * rgb[aneurysm] + alpha * _ANEURYSM_RGB
+    edge = _outline(aneurysm)
+    rgb[edge] = _ANEURYSM_RGB
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+    size = (
+        max(1, round(gray.shape[1] * pixel_mm[1] * scale)),
+        max(1, round(gray.shape[0] * pixel_mm[0] * scale)),
+    )
+    return image.resize(size, Image.Resampling.NEAREST)
+
+
+def _views(volume: np.ndarray, reduce) -> list[np.ndarray]:
+    """Axial (over Z), coronal (over Y), sagittal (over X) 2D views as (rows, cols) display arrays.
+
+    Display conventions (radiological-ish, RAS array): axial rows = Y with anterior up, cols = X;
+    coronal rows = Z with superior up, cols = X; sagittal rows = Z with superior up, cols = Y.
+    """
+    axial = reduce(volume, 2).T[::-1, :]  # (X, Y) -> (Y, X), anterior at the top
+    coronal = reduce(volume, 1).T[::-1, :]  # (X, Z) -> (Z, X), superior at the top
+    sagittal = reduce(volume, 0).T[::-1, :]  # (Y, Z) -> (Z, Y), superior at the top
+    return [axial, coronal, sagittal]
+
+
+def save_preview(
+    image: np.ndarray,
+    label: np.ndarray,
+    spacing: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    vessel_outline: bool = True,
+    slices: bool = True,
+    scale: float = 5.0,
+    alpha: float = 0.45,
+    title: str | None = None,
+    focus: Sequence[int] | None = None,
+    markers: Sequence[tuple[Sequence[float], float]] = (),
+) -> str:
+    """Write a PNG: MIPs along Z, Y and X side by side, aneurysm (label 2) overlaid in red.
+
+    Args:
+        image: (X, Y, Z) intensities.
+        label: (X, Y, Z) labels, 0 background, 1 vessel, 2 aneurysm.
+        spacing: voxel spacing (mm) along (X, Y, Z); panels are resampled to square millimetres.
+        path: output ``.png`` path; parent folders are created.
+        vessel_outline: draw the outline of the projected vessel label in green. Default True.
+        slices: add a second row with the axial, coronal and sagittal slices through the largest
+            aneurysm's centroid (the volume centre without aneurysm), to show the slice appearance.
+            Default True.
+        scale: output pixels per millimetre. Default 3.
+        alpha: opacity of the aneurysm fill. Default 0.45.
+        title: optional text drawn in the top-left corner.
+        focus: voxel (X, Y, Z) the slices go through, instead of the aneurysm centroid.
+        markers: ``(voxel, radius_mm)`` circles drawn in yellow on the MIPs (e.g. hard negatives).
+
+    Returns:
+        the path written.
+    """
+    image = np.asarray(image)
+    label = np.asarray(label)
+    if image.ndim != 3 or image.shape != label.shape:
+        raise ValueError(f"image and label must be 3D of equal shape, got {image.shape} and {label.shape}.")
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 entries, got {spacing}.")
+    sx, sy, sz = (float(s) for s in spacing)
+    pixel_mm = [(sy, sx), (sz, sx), (sz, sy)]
+    low, high = np.percentile(image, [1.0, 99.95])
+
+    rows: list[list[Image.Image]] = []
+    mips = _views(image, lambda v, axis: v.max(axis=axis))
+    aneurysm_proj = _views(label == 2, lambda v, axis: v.any(axis=axis))
+    vessel_proj = _views(label == 1, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
+    rows.append(
+        [
+            _panel(_window(m, low, high), a, v, px, scale, alpha)
+            for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
+        ]
+    )
+    if slices:
+        centre = tuple(int(c) for c in focus) if focus is not None else _focus(label)
+        cuts = [
+            (image[:, :, centre[2]].T[::-1, :], label[:, :, centre[2]].T[::-1, :]),
+            (image[:, centre[1], :].T[::-1, :], label[:, centre[1], :].T[::-1, :]),
+            (image[centre[0], :, :].T[::-1, :], label[centre[0], :, :].T[::-1, :]),
+        ]
+        rows.append(
+            [
+                _panel(
+                    _window(img, low, high), lab == 2, (lab == 1) if vessel_outline else None, px, scale, 0.25
+                )
+                for (img, lab), px in zip(cuts, pixel_mm, strict=True)
+            ]
+        )
+
+    gap = 4
+    width = sum(p.width for p in rows[0]) + gap * (len(rows[0]) - 1)
+    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
+    canvas = Image.new("RGB", (width, height), (30, 30, 30))
+    y = 0
+    for row in rows:
+        x = 0
+        for panel in row:
+            canvas.paste(panel, (x, y))
+            x += panel.width + gap
+        y += max(p.height for p in row) + gap
+    draw = ImageDraw.Draw(canvas)
+    names = ["axial MIP", "coronal MIP", "sagittal MIP"]
+    x = 0
+    for panel, name in zip(rows[0], names, strict=True):
+        draw.text((x + 4, rows[0][0].height - 14), name, fill=(255, 255, 0))
+        x += panel.width + gap
+    for voxel, radius in markers:
+        _draw_marker(draw, voxel, radius, (sx, sy, sz), label.shape, rows[0], gap, scale)
+    if title:
+        draw.text((4, 4), title, fill=(255, 255, 0))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _draw_marker(draw, voxel, radius, spacing, shape, panels, gap, scale) -> None:
+    """Yellow circle of ``radius`` mm around ``voxel`` on each MIP panel (same flips as :func:`_views`)."""
+    sx, sy, sz = spacing
+    x, y, z = (float(v) for v in voxel)
+    # (col_mm, row_mm) of the voxel in each panel, rows flipped so that anterior / superior are up
+    spots = [
+        (x * sx, (shape[1] - 1 - y) * sy),
+        (x * sx, (shape[2] - 1 - z) * sz),
+        (y * sy, (shape[2] - 1 - z) * sz),
+    ]
+    left = 0
+    for panel, (col, row) in zip(panels, spots, strict=True):
+        cx, cy, r = left + (col + 0.5) * scale, (row + 0.5) * scale, max(radius * scale, 3)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(255, 230, 0))
+        left += panel.width + gap
+
+
+def _focus(label: np.ndarray) -> tuple[int, int, int]:
+    """Voxel index of the centroid of the largest aneurysm component, else the volume centre."""
+    components, count = ndimage.label(label == 2, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return tuple(int(n // 2) for n in label.shape)
+    sizes = np.bincount(components.ravel())[1:]
+    coords = np.argwhere(components == int(np.argmax(sizes)) + 1)
+    return tuple(int(c) for c in np.round(coords.mean(axis=0)))
