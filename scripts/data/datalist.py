@@ -47,7 +47,7 @@ def resolve_datalist(
 
 
 def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
-    """Entries of one split with absolute paths, every referenced file checked to exist.
+    """``image``/``label`` entries of one split with absolute paths, every referenced file checked to exist.
 
     Raises:
         ValueError: the datalist is unreadable or lacks ``key``.
@@ -63,6 +63,9 @@ def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dic
     if key not in raw:
         raise ValueError(f"{path}: no '{key}' list (it has {sorted(raw)}).")
     entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    # Only what the pipeline reads: extra per-case fields (e.g. the phantoms' info) differ between cases
+    # and could not be batched.
+    entries = [{k: e[k] for k in ("image", "label") if k in e} for e in entries]
     for entry in entries:
         for field in ("image", "label"):
             if field in entry and not Path(entry[field]).is_file():

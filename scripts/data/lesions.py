@@ -23,21 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .raster import DistanceField
-from .vessel_tree import Tube, VesselTree
+from .vessel_tree import Tube, VesselTree, _perpendicular, _unit
 
 __all__ = ["Aneurysm", "HardNegative", "place_aneurysms", "place_hard_negatives", "sample_aneurysm_size"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
-def _perpendicular(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
-    v = rng.standard_normal(3)
-    v -= (v @ d) * d
-    return _unit(v)
 
 
 def _direction_in_cone(rng: np.random.Generator, axis: np.ndarray, min_cos: float) -> np.ndarray:

@@ -1,0 +1,262 @@
+"""Every workflow of the bundle, run the way users run them, on tiny data and a tiny random encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+
+from scripts.networks import AdditiveFusion, CalibratedFusion, RoomLite
+
+CONFIGS = BUNDLE_ROOT / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+TRAIN = str(CONFIGS / "train.yaml")
+TINY = {
+    "roi_size": [32, 32, 32],
+    "dino_model": "random",
+    "dino_config": TINY_DINOV3,
+    "dino_image_size": TINY_IMAGE_SIZE,
+    "crop_grid": 16,
+}
+
+
+def cli_overrides(overrides: dict) -> list[str]:
+    """``--key value`` pairs as ``python -m monai.bundle run`` takes them."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
+
+
+def workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=config_file,
+        meta_file=META,
+        logging_file=LOGGING,
+        workflow_type=workflow_type,
+        **{**TINY, **overrides},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory) -> Path:
+    """A bundle root holding a model trained for one epoch by the train config through ConfigWorkflow."""
+    root = tmp_path_factory.mktemp("bundle")
+    train = workflow(
+        TRAIN, "train", bundle_root=str(root), dataset_dir=str(tiny_dataset), epochs=1, val_interval=1
+    )
+    train.initialize()
+    assert train.check_properties() == []
+    train.run()
+    train.finalize()
+    return root
+
+
+def test_training_writes_best_and_resumable_checkpoints(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    resumable = torch.load(trained / "models" / "checkpoint_epoch=1.pt", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(resumable)
+    best = torch.load(trained / "models" / "model.pt", weights_only=False)
+    assert best["dino.encoder._extra_state"]["source"] == "random:0"
+    assert not any(k.startswith("dino.encoder.backbone") for k in best)
+    assert list((trained / "outputs" / "tensorboard").iterdir())
+
+
+def test_training_resumes_from_its_checkpoint(trained, tiny_dataset, tmp_path):
+    resume = workflow(
+        TRAIN,
+        "train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(tiny_dataset),
+        epochs=2,
+        val_interval=1,
+        resume_checkpoint=str(trained / "models" / "checkpoint_epoch=1.pt"),
+    )
+    resume.initialize()
+    resume.run()
+    assert resume.trainer.state.epoch == 2 and resume.trainer.state.iteration == 2  # one new epoch, not two
+    resume.finalize()
+
+
+def test_evaluation_writes_per_case_and_summary(trained, tiny_dataset):
+    evaluate = workflow(
+        [TRAIN, str(CONFIGS / "evaluate.yaml")],
+        "train",
+        bundle_root=str(trained),
+        dataset_dir=str(tiny_dataset),
+    )
+    evaluate.initialize()
+    assert evaluate.check_properties() == []
+    evaluate.run()
+    evaluate.finalize()
+    eval_dir = trained / "outputs" / "eval"
+    rows = (eval_dir / "per_case.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("case_002.nii.gz")
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and summary["failure"]["n"] == 1
+    assert {"vessel", "aneurysm"} <= set(summary["classes"])
+    assert "aneurysm" in (eval_dir / "summary.md").read_text()
+
+
+def test_inference_output_matches_input_geometry(trained, tmp_path):
+    # Anisotropic, not RAS, odd sizes: the label volume must come back on exactly this grid.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tiny_case(inputs / "scan.nii.gz", tmp_path / "unused.nii.gz", seed=5, shape=(37, 42, 23))
+    image = nib.load(inputs / "scan.nii.gz")
+    affine = np.array([[-0.35, 0, 0, 12.0], [0, 0.4, 0, -3.0], [0, 0, 0.7, 5.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32), affine), inputs / "scan.nii.gz")
+
+    infer = workflow(
+        str(CONFIGS / "inference.yaml"),
+        "infer",
+        bundle_root=str(trained),
+        dataset_dir=str(inputs),
+        output_dir=str(tmp_path / "out"),
+    )
+    infer.initialize()
+    assert infer.check_properties() == []
+    infer.run()
+    infer.finalize()
+    result = nib.load(tmp_path / "out" / "scan_seg.nii.gz")
+    assert result.shape == (37, 42, 23)
+    np.testing.assert_allclose(result.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(result.dataobj))) <= {0, 1, 2}
+    assert result.get_data_dtype() == np.uint8
+
+
+def test_inference_refuses_a_checkpoint_of_other_encoder_weights(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tiny_case(inputs / "scan.nii.gz", tmp_path / "label.nii.gz", seed=6)
+    infer = workflow(
+        str(CONFIGS / "inference.yaml"),
+        "infer",
+        bundle_root=str(trained),
+        dataset_dir=str(inputs),
+        output_dir=str(tmp_path / "out"),
+        dino_model="random:1",
+    )
+    infer.initialize()
+    with pytest.raises(Exception, match="random:0"):
+        infer.run()
+
+
+def test_run_training_command_line(tiny_dataset, tmp_path):
+    """The README's spelling: ``python -m monai.bundle run training ...``."""
+    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    command += ["--meta_file", META, "--logging_file", LOGGING, *cli_overrides(overrides)]
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert "ETA" in result.stdout and "train_loss" in result.stdout
+
+
+def test_multi_gpu_config_runs_two_gloo_processes(tiny_dataset, tmp_path):
+    """torchrun with 2 CPU processes: DDP over gloo; only rank 0 writes checkpoints and TensorBoard."""
+    data = tmp_path / "data"
+    data.mkdir()
+    entries = json.loads((tiny_dataset / "dataset.json").read_text())
+    for split in entries:
+        entries[split] = [{k: str(tiny_dataset / v) for k, v in e.items()} for e in entries[split]]
+    # two validation cases, so each of the two ranks validates one
+    write_tiny_case(data / "val2.nii.gz", data / "val2_label.nii.gz", seed=7)
+    entries["validation"].append(
+        {"image": str(data / "val2.nii.gz"), "label": str(data / "val2_label.nii.gz")}
+    )
+    entries["training"].append(entries["test"][0])
+    (data / "dataset.json").write_text(json.dumps(entries))
+
+    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(data), "epochs": 1}
+    configs = json.dumps([TRAIN, str(CONFIGS / "multi_gpu_train.yaml")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle"]
+    command += ["run", "training", "--config_file", configs, "--meta_file", META, "--logging_file", LOGGING]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command + cli_overrides(overrides),
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    writers = {p.name.split(".")[4] for p in (tmp_path / "outputs" / "tensorboard").iterdir()}
+    assert len(writers) == 1  # one process (rank 0) wrote TensorBoard events
+
+
+def test_metadata_is_valid_for_the_model_zoo(tmp_path):
+    schema = BUNDLE_ROOT / "bundle" / "schema" / "meta_schema_20240725.json"
+    local = tmp_path / schema.name
+    local.write_bytes(schema.read_bytes())  # present locally: verify_metadata does not download it
+    verify_metadata(meta_file=META, filepath=str(local))
+    meta = json.loads(Path(META).read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "vessel",
+        "2": "aneurysm",
+    }
+    assert "not for diagnosis" in meta["intended_use"] and "DINOv3 License" in meta["license_notice"]
+
+
+def test_network_input_and_output_match_the_metadata():
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=META,
+        config_file=str(CONFIGS / "inference.yaml"),
+        n=4,
+        **{k: v for k, v in TINY.items() if k != "crop_grid"},
+    )
+
+
+def test_inference_mirrors_the_training_model_and_preprocessing():
+    train, infer = ConfigParser(), ConfigParser()
+    train.read_config(TRAIN)
+    infer.read_config(str(CONFIGS / "inference.yaml"))
+    assert train["network_def"] == infer["network_def"]
+    keys = ["roi_size", "spacing", "slice_axis", "dino_model", "dino_image_size", "dino_dtype", "use_dino"]
+    assert all(train[k] == infer[k] for k in keys)
+    train_steps = [t["_target_"] for t in train["loading"] + train["preparation"]]
+    assert train_steps == [t["_target_"] for t in infer["preprocessing"]["transforms"]]
+    for step, mirrored in zip(train["preparation"], infer["preprocessing"]["transforms"][2:], strict=True):
+        assert {k: v for k, v in step.items() if k not in ("keys", "mode", "dtype")} == {
+            k: v for k, v in mirrored.items() if k not in ("keys", "mode", "dtype")
+        }
+
+
+ABLATIONS = {
+    "plain_unet": ({"use_dino": False}, lambda net: net.slice_encoder is None),
+    "without_room_lite": (
+        {"use_room_lite": False},
+        lambda net: not any(isinstance(m, RoomLite) for m in net.modules()),
+    ),
+    "without_calibration": (
+        {"use_calibration": False},
+        lambda net: all(isinstance(f, AdditiveFusion) for f in net.fusions),
+    ),
+    "full": ({}, lambda net: all(isinstance(f, CalibratedFusion) for f in net.fusions)),
+}
+
+
+@pytest.mark.parametrize("settings, check", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_ablation_rows_are_config_settings(settings, check):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, **settings})
+    assert check(parser.get_parsed_content("network_def"))
+
+
+def test_dino_model_key_selects_the_encoder_weights(tiny_dinov2_dir):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "dino_model": str(tiny_dinov2_dir), "dino_config": None})
+    assert parser.get_parsed_content("network_def").slice_encoder.provenance.source == str(tiny_dinov2_dir)

@@ -1,0 +1,196 @@
+"""The ablation / cross-centre study on the micro budget with a tiny random encoder: files, resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
+
+from scripts import study
+from scripts.networks import EncoderWeightsError
+
+TINY = {"dino_model": "random", "dino_config": TINY_DINOV3, "dino_image_size": TINY_IMAGE_SIZE}
+ROWS = ["plain_unet", "full", "without_room_lite"]
+PAPER_ROWS = [
+    "plain_unet",
+    "random_features",
+    "dinov2_small",
+    "without_calibration",
+    "without_room_lite",
+    "full",
+]
+
+
+@pytest.fixture
+def train_calls(monkeypatch) -> list[str]:
+    """Names of the rows trained while the test runs."""
+    calls: list[str] = []
+    real = study.train_row
+
+    def counting(row_dir, *args, **kwargs):
+        calls.append(Path(row_dir).name)
+        return real(row_dir, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train_row", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("study")
+    study.main(str(output), budget="micro", rows=",".join(ROWS), overrides=TINY)
+    return output
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def table_line(text: str, label: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith(f"| {label}")]
+    return line
+
+
+def test_study_config_has_the_paper_rows_and_three_budgets():
+    config = study.load_study_config()
+    assert list(config.rows) == PAPER_ROWS
+    assert {"micro", "cpu", "full"} <= set(config.budgets)
+    assert config.train_centre == "A" and config.test_centres == ("A", "B", "C")
+    for budget in config.budgets.values():
+        for row in PAPER_ROWS:  # every row resolves in every budget
+            plan = study.plan_study(budget.name, rows=row, config=config)
+            assert plan.effective[row]["val_interval"] <= plan.effective[row]["epochs"]
+
+
+def test_precedence_budget_then_command_then_overrides_then_row():
+    plan = study.plan_study("micro", dino_model="cmd-model", dinov2_model="/w/dinov2", seed=3, overrides=TINY)
+    settings = plan.settings
+    assert settings["full"]["dino_model"] == "random"  # overrides beat --dino_model
+    assert settings["random_features"]["dino_model"] == "random:1"  # the row decides its weights
+    assert settings["dinov2_small"]["dino_model"] == "/w/dinov2"  # <dinov2_model>
+    assert all(s["dino_config"] == TINY_DINOV3 and s["seed"] == 3 for s in settings.values())
+    assert settings["plain_unet"]["use_dino"] is False and settings["full"]["roi_size"] == [32, 32, 32]
+    assert study.plan_study("micro").settings["full"]["dino_model"] == study.DEFAULT_DINO_MODEL
+    over = study.plan_study("micro", overrides={"epochs": 2, "roi_size": [16, 16, 16]}).settings["full"]
+    assert over["epochs"] == 2 and over["roi_size"] == [16, 16, 16]  # overrides beat the budget
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"budget": "huge"}, "budget"),
+        ({"budget": "micro", "rows": "full,no_such_row"}, "rows"),
+        ({"budget": "micro", "overrides": {"eval_split": "validation"}}, "eval_split"),
+        ({"budget": "micro", "overrides": {"dataset_dir": "/elsewhere"}}, "dataset_dir"),
+        ({"budget": "micro", "overrides": {"validate#dataset#data#key": "training"}}, "validate"),
+        ({"budget": "micro", "overrides": {"seed": 1}}, "seed"),
+        ({"budget": "micro", "overrides": {"dino_model": "<nothing>"}}, "placeholder"),
+        ({"budget": "micro", "overrides": {"val_interval": 2}}, "val_interval"),
+        ({"budget": "micro", "seed": -1}, "seed"),
+    ],
+)
+def test_bad_plans_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        study.plan_study(**kwargs)
+
+
+def test_an_encoder_that_cannot_be_loaded_stops_the_study_before_anything(tmp_path, monkeypatch, train_calls):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "weights" / "no" / "such-model")  # a local path: no network is tried
+    overrides = {"dino_config": TINY_DINOV3, "dino_image_size": TINY_IMAGE_SIZE}
+    output = tmp_path / "study"
+    with pytest.raises(EncoderWeightsError, match=r"(?s)\['full'\].*--rows plain_unet.*such-model"):
+        study.main(
+            str(output), budget="micro", rows="plain_unet,full", dino_model=missing, overrides=overrides
+        )
+    assert train_calls == [] and not output.exists()
+
+
+def test_micro_study_writes_every_file_and_selected_row(micro_study):
+    for name in ("study.json", "results.csv", "ablation.md", "cross_centre.md"):
+        assert (micro_study / name).is_file()
+    for centre in "ABC":
+        assert (micro_study / "data" / centre / "dataset.json").is_file()
+    assert list((micro_study / "embedding_cache").rglob("*.npy"))  # DINO rows shared the disk cache
+
+    rows = read_csv(micro_study / "results.csv")
+    in_study_order = [row for row in PAPER_ROWS if row in ROWS]
+    assert [(r["row"], r["centre"]) for r in rows] == [(row, c) for row in in_study_order for c in "ABC"]
+    numeric = [
+        c for c in study.CSV_COLUMNS if c.endswith(("_mean", "_std", "_seconds", "_rate", "_per_case"))
+    ]
+    for row in rows:
+        assert all(math.isfinite(float(row[c])) for c in numeric), row
+        assert int(row["n_cases"]) == 1 and int(row["failures_k"]) <= 1 and int(row["trainable_params"]) > 0
+        if row["row"] == "plain_unet":
+            assert row["encoder_source"] == "none" and row["encoder_is_random"] == "False"
+        else:
+            assert row["encoder_source"] == "random:0" and row["encoder_is_random"] == "True"
+    params = {r["row"]: int(r["trainable_params"]) for r in rows}
+    assert params["plain_unet"] < params["without_room_lite"] < params["full"]
+
+    ablation = (micro_study / "ablation.md").read_text()
+    assert "± " in table_line(ablation, "DINO-3DRA (full) †")
+    assert "/1 |" in table_line(ablation, "Plain U-Net")
+    for label in ("Random features", "DINOv2-small", "w/o calibration"):
+        assert table_line(ablation, label).startswith(f"| {label} | not run |")
+    for note in ("Budget `micro`", "RANDOM frozen encoder", "HD95 = 100 mm", "n test cases"):
+        assert note in ablation
+    cross = (micro_study / "cross_centre.md").read_text()
+    assert table_line(cross, "w/o Room-Lite †").count("±") == 3 and "B, C unseen" in cross
+    done = json.loads((micro_study / "rows" / "full" / "done.json").read_text())
+    assert done["encoder"]["source"] == "random:0" and set(done["centres"]) == {"A", "B", "C"}
+
+
+def test_an_interrupted_study_resumes_without_retraining_finished_rows(micro_study, tmp_path, train_calls):
+    output = tmp_path / "study"
+    shutil.copytree(micro_study, output)
+    plain_done = output / "rows" / "plain_unet" / "done.json"
+    before = plain_done.stat().st_mtime_ns
+    counting = study.train_row
+
+    def interrupted(row_dir, *args, **kwargs):
+        counting(row_dir, *args, **kwargs)
+        raise KeyboardInterrupt  # after training, before evaluation and done.json
+
+    study.train_row = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            study.main(str(output), budget="micro", rows="plain_unet,without_calibration", overrides=TINY)
+    finally:
+        study.train_row = counting
+    assert train_calls == ["without_calibration"]  # plain_unet was finished: skipped
+    assert not (output / "rows" / "without_calibration" / "done.json").exists()
+    assert (output / "rows" / "without_calibration" / "models" / "model.pt").is_file()
+
+    train_calls.clear()
+    study.main(str(output), budget="micro", rows="plain_unet,without_calibration", overrides=TINY)
+    assert train_calls == ["without_calibration"]  # plain_unet was finished: not retrained
+    assert plain_done.stat().st_mtime_ns == before
+    assert (output / "rows" / "without_calibration" / "done.json").is_file()
+    ablation = (output / "ablation.md").read_text()
+    assert "not run" not in table_line(ablation, "w/o calibration †")
+    assert "not run" not in table_line(ablation, "DINO-3DRA (full) †")  # finished earlier, not selected now
+    assert len(read_csv(output / "results.csv")) == 4 * 3
+
+
+def test_finished_rows_with_other_settings_count_as_not_run(micro_study, tmp_path):
+    output = tmp_path / "study"
+    shutil.copytree(micro_study, output)
+    plan = study.plan_study("micro", overrides={**TINY, "learning_rate": 0.1})
+    assert study._finished(output, plan, "full") is None
+    assert "| Plain U-Net | not run |" in study.write_tables(output, plan)
+    assert study._finished(output, study.plan_study("micro", overrides=TINY), "full") is not None
+
+
+def test_an_output_dir_stays_bound_to_its_data(micro_study, tmp_path):
+    output = tmp_path / "study"
+    shutil.copytree(micro_study, output)
+    with pytest.raises(ValueError, match="seed"):
+        study.main(str(output), budget="micro", rows="plain_unet", seed=1, overrides=TINY)
