@@ -178,6 +178,29 @@ class SegmentationMetricsWriter:
         )
 
 
+class FinalValidation:
+    """Validate after the last epoch when ``interval`` did not land on it.
+
+    Without this, training for a number of epochs that is not a multiple of ``val_interval`` never
+    judges (nor saves as ``model.pt``) its last epochs, and a run shorter than ``val_interval`` writes
+    no ``model.pt`` at all.
+
+    Args:
+        validator: the evaluator that ``ValidationHandler`` runs.
+        interval: ``ValidationHandler``'s epoch interval.
+    """
+
+    def __init__(self, validator: Engine, interval: int) -> None:
+        self.validator, self.interval = validator, interval
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self._validate)
+
+    def _validate(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval:
+            self.validator.run(engine.state.epoch)
+
+
 class ResumeFrom:
     """Restore a resumable checkpoint into the trainer and ``load_dict`` when ``path`` is given.
 

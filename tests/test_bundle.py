@@ -15,7 +15,7 @@ import torch
 from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 
-from scripts.networks import AdditiveFusion, CalibratedFusion, RoomLite
+from scripts.networks import AdditiveFusion, CalibratedFusion, EncoderMismatchError, RoomLite
 
 CONFIGS = BUNDLE_ROOT / "configs"
 META = str(CONFIGS / "metadata.json")
@@ -145,8 +145,14 @@ def test_inference_refuses_a_checkpoint_of_other_encoder_weights(trained, tmp_pa
         dino_model="random:1",
     )
     infer.initialize()
-    with pytest.raises(Exception, match="random:0"):
+    with pytest.raises(RuntimeError) as error:  # the config expression wraps the network's own error
         infer.run()
+    causes = []
+    cause: BaseException | None = error.value
+    while cause is not None:
+        causes.append(cause)
+        cause = cause.__cause__
+    assert any(isinstance(c, EncoderMismatchError) and "dino_model='random:0'" in str(c) for c in causes)
 
 
 def test_run_training_command_line(tiny_dataset, tmp_path):

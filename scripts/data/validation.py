@@ -54,6 +54,8 @@ class ValidateCased(MapTransform):
         values = np.unique(torch.as_tensor(label).cpu().numpy())
         unknown = np.setdiff1d(values, self.labels)
         if unknown.size:
+            if np.all(np.isfinite(unknown)) and np.all(unknown == np.round(unknown)):
+                unknown = unknown.astype(np.int64)
             raise ValueError(
                 f"{_source(label)}: unknown label values {unknown.tolist()} (allowed: {self.labels.tolist()})."
             )
