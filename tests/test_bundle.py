@@ -105,23 +105,31 @@ def test_evaluation_writes_per_case_and_summary(trained, tiny_dataset):
     assert "aneurysm" in (eval_dir / "summary.md").read_text()
 
 
-def test_inference_output_matches_input_geometry(trained, tmp_path):
-    # Anisotropic, not RAS, odd sizes: the label volume must come back on exactly this grid.
+def inference_on_one_scan(bundle_root: Path, tmp_path: Path, affine=None, **overrides) -> ConfigWorkflow:
+    """An initialised inference workflow over one tiny scan (of 37 x 42 x 23 voxels when ``affine`` is given)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    write_tiny_case(inputs / "scan.nii.gz", tmp_path / "unused.nii.gz", seed=5, shape=(37, 42, 23))
-    image = nib.load(inputs / "scan.nii.gz")
-    affine = np.array([[-0.35, 0, 0, 12.0], [0, 0.4, 0, -3.0], [0, 0, 0.7, 5.0], [0, 0, 0, 1]])
-    nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32), affine), inputs / "scan.nii.gz")
-
+    shape = (37, 42, 23) if affine is not None else (40, 40, 40)
+    write_tiny_case(inputs / "scan.nii.gz", tmp_path / "label.nii.gz", seed=5, shape=shape)
+    if affine is not None:
+        image = nib.load(inputs / "scan.nii.gz")
+        nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32), affine), inputs / "scan.nii.gz")
     infer = workflow(
         str(CONFIGS / "inference.yaml"),
         "infer",
-        bundle_root=str(trained),
+        bundle_root=str(bundle_root),
         dataset_dir=str(inputs),
         output_dir=str(tmp_path / "out"),
+        **overrides,
     )
     infer.initialize()
+    return infer
+
+
+def test_inference_output_matches_input_geometry(trained, tmp_path):
+    # Anisotropic, not RAS, odd sizes: the label volume must come back on exactly this grid.
+    affine = np.array([[-0.35, 0, 0, 12.0], [0, 0.4, 0, -3.0], [0, 0, 0.7, 5.0], [0, 0, 0, 1]])
+    infer = inference_on_one_scan(trained, tmp_path, affine)
     assert infer.check_properties() == []
     infer.run()
     infer.finalize()
@@ -133,18 +141,7 @@ def test_inference_output_matches_input_geometry(trained, tmp_path):
 
 
 def test_inference_refuses_a_checkpoint_of_other_encoder_weights(trained, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    write_tiny_case(inputs / "scan.nii.gz", tmp_path / "label.nii.gz", seed=6)
-    infer = workflow(
-        str(CONFIGS / "inference.yaml"),
-        "infer",
-        bundle_root=str(trained),
-        dataset_dir=str(inputs),
-        output_dir=str(tmp_path / "out"),
-        dino_model="random:1",
-    )
-    infer.initialize()
+    infer = inference_on_one_scan(trained, tmp_path, dino_model="random:1")
     with pytest.raises(RuntimeError) as error:  # the config expression wraps the network's own error
         infer.run()
     causes = []
