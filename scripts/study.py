@@ -898,7 +898,7 @@ def main(
 
     Args:
         output_dir: the study folder (see the module docstring); rerun with the same one to resume.
-        budget: a budget of ``configs/study.yaml``: ``micro`` (tests), ``cpu`` (about 50 minutes on a 2-core
+        budget: a budget of ``configs/study.yaml``: ``micro`` (tests), ``cpu`` (well under an hour on a 2-core
             CPU), ``full`` (the paper's GPU schedule). Default ``cpu``.
         rows: rows to run, comma-separated or a list; default all. Finished rows that are not selected
             still appear in the tables.
