@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from scripts.atomic_io import write_atomically
 from scripts.metrics import DEFAULT_CLASSES, case_metrics, format_markdown_table, summarize
 
 logger = logging.getLogger(__name__)
@@ -32,15 +31,6 @@ def class_output(index: int) -> Callable[[Any], tuple[list[torch.Tensor], list[t
         return [i["pred"][index : index + 1] for i in items], [i["label"][index : index + 1] for i in items]
 
     return select
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 class ProgressLogger:

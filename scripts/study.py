@@ -69,8 +69,8 @@ import torch
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts.atomic_io import write_atomically
 from scripts.data import get_centre
-from scripts.handlers import write_atomically
 from scripts.metrics import FAILURE_DICE_THRESHOLD
 from scripts.networks import DEFAULT_DINO_MODEL, EncoderProvenance, EncoderWeightsError, count_parameters
 from scripts.networks import load_encoder as _load_encoder

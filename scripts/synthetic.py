@@ -28,6 +28,7 @@ import uuid
 import nibabel as nib
 import numpy as np
 
+from scripts.atomic_io import write_atomically
 from scripts.data import GENERATOR_VERSION, LABELS, generate_case, get_centre, save_preview
 
 __all__ = ["case_seed", "ensure_dataset", "main", "split_sizes", "write_dataset"]
@@ -80,18 +81,7 @@ def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 
 
 def _atomic_json(data: dict, path: str) -> None:
-    tmp = _temporary_name(path, ".tmp")
-    try:
-        with open(tmp, "x") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_dataset(
