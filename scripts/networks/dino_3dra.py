@@ -55,7 +55,7 @@ class Dino3DRA(nn.Module):
         slice_axis: spatial axis the slices are taken across. Default 2 (axial for RAS volumes).
         roi_size: training patch size; sets Room-Lite's depth-bias length. Default ``(64, 64, 64)``.
         dino_act: activation of Room-Lite and fusion. Default ``"gelu"``.
-        dino_norm: normalisation of Room-Lite and fusion. Default ``("group", {"num_groups": 8})``.
+        dino_groups: groups of the group norms of Room-Lite and fusion. Default 8.
         local_files_only: for hub ids, never go online (``None``: cache first, then the hub).
         dino_dtype: dtype the frozen encoder runs in, ``"float32"`` or ``"bfloat16"``. Default float32.
     """
@@ -78,7 +78,7 @@ class Dino3DRA(nn.Module):
         slice_axis: int = 2,
         roi_size: Sequence[int] = (64, 64, 64),
         dino_act: str | tuple = "gelu",
-        dino_norm: str | tuple = ("group", {"num_groups": 8}),
+        dino_groups: int = 8,
         local_files_only: bool | None = None,
         dino_dtype: str = "float32",
     ) -> None:
@@ -115,9 +115,9 @@ class Dino3DRA(nn.Module):
                 dino_dtype,
             )
             skips = channels[:NUM_DINO_SKIPS]
-            self.dino = DinoPath(encoder, skips, roi_size[slice_axis], use_room_lite, dino_act, dino_norm)
+            self.dino = DinoPath(encoder, skips, roi_size[slice_axis], use_room_lite, dino_act, dino_groups)
             self.fusions.extend(
-                CalibratedFusion(3, c, dino_act, dino_norm) if use_calibration else AdditiveFusion()
+                CalibratedFusion(3, c, dino_act, dino_groups) if use_calibration else AdditiveFusion()
                 for c in skips
             )
 
@@ -173,5 +173,5 @@ def count_parameters(network: Dino3DRA) -> dict[str, int]:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     dino = n(network.dino) + n(network.fusions) if network.dino is not None else 0
-    room_lite = n(network.dino.coherence) if network.dino is not None else 0
+    room_lite = n(network.dino.coherence) if network.dino is not None and network.dino.coherence else 0
     return {"total": n(network), "dino_path": dino, "room_lite": room_lite}
