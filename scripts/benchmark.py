@@ -10,10 +10,11 @@ with like. Inputs are synthetic (smoothed noise): the timings do not depend on t
 encoder's weights, so ``--dino_model random`` (the default; the network warns loudly about it) times the real
 method. What is measured:
 
-1. Training step (forward + backward + AdamW step, ``DiceCELoss`` on a random 3-class label), median of
-   ``--repeats`` steps after one warm-up step, for the plain U-Net, DINO-3DRA without a cache, and DINO-3DRA
-   with a warm slice-embedding cache (pre-warmed with the same patches, so every step reuses every slice, as
-   the cache-aligned training crops make slices recur).
+1. Training step (forward + backward + AdamW step, ``DiceCELoss`` on a random 3-class label) for the plain
+   U-Net, DINO-3DRA without a cache, and DINO-3DRA with a warm slice-embedding cache (pre-warmed with the same
+   patches, so every step reuses every slice, as the cache-aligned training crops make slices recur). After
+   one warm-up step each, ``--repeats`` rounds run one step of each network in turn and the median per
+   network is reported: interleaving keeps a drift in the machine's speed from favouring one of them.
 2. Sliding-window inference of one volume per size under ``torch.no_grad()`` (after one warm-up batch of
    windows), each (network, size) in a fresh process so that its peak memory is its own: the whole process's
    peak RSS (interpreter, torch and weights included; ``VmHWM``, since a spawned child's ``ru_maxrss`` starts
@@ -101,8 +102,8 @@ def _median_seconds(step: Callable[[], object], repeats: int, device: str) -> fl
     return statistics.median(times[1:])
 
 
-def _train_step_seconds(net: Dino3DRA, image: torch.Tensor, label: torch.Tensor, repeats: int) -> float:
-    """Median time of forward + DiceCE loss + backward + AdamW step on one batch."""
+def _train_step(net: Dino3DRA, image: torch.Tensor, label: torch.Tensor) -> Callable[[], None]:
+    """One forward + DiceCE loss + backward + AdamW step on one batch."""
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
@@ -112,7 +113,23 @@ def _train_step_seconds(net: Dino3DRA, image: torch.Tensor, label: torch.Tensor,
         loss_fn(net(image), label).backward()
         optimizer.step()
 
-    return _median_seconds(step, repeats, str(image.device))
+    return step
+
+
+def _interleaved_median_seconds(
+    steps: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
+    """Median wall time of each step: one warm-up call each, then ``repeats`` rounds calling each in turn."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats + 1):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def _infer_volume(
@@ -137,6 +154,7 @@ def _infer_volume(
         "peak_rss_gib": _peak_rss_gib(),
         "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
         "hit_rate": cache.hit_rate if cache is not None else None,
+        "encoded": cache.stats["misses"] if cache is not None else None,
     }
 
 
@@ -190,7 +208,7 @@ def main(
     Args:
         sizes: sides of the cubic volumes for inference, comma-separated. Default ``"128,256"``.
         batch_size: training batch size. Default 2.
-        repeats: measured training steps (median reported), after one warm-up step. Default 3.
+        repeats: measured training rounds (median reported), after one warm-up round. Default 3.
         overlap: sliding-window overlap. Default 0.25.
         sw_batch_size: windows per network call at inference. Default 4.
         dino_model: encoder weights; timing does not depend on them. Default ``"random"``.
@@ -219,24 +237,24 @@ def main(
     if dino_model.startswith("random"):
         print("Random encoder weights: timing does not depend on the weights (the warning is expected).")
 
-    plain, dino = _build(False, network_kwargs, device), _build(True, network_kwargs, device)
     image = _synthetic_volume(batch_size, roi).to(device)
     label = torch.randint(0, 3, image.shape, generator=torch.Generator().manual_seed(1)).to(device)
     print(
         f"\nTraining step: batch {batch_size}, {roi}^3 patches, forward + backward + AdamW, "
-        f"median of {repeats} after 1 warm-up"
+        f"median of {repeats} interleaved rounds after 1 warm-up"
     )
-    train = {
-        "plain U-Net": _train_step_seconds(plain, image, label, repeats),
-        "DINO-3DRA, no cache": _train_step_seconds(dino, image, label, repeats),
-    }
+    dino, warm_dino = _build(True, network_kwargs, device), _build(True, network_kwargs, device)
     cache = SliceEmbeddingCache()
-    attach_embedding_cache(dino, cache)
+    attach_embedding_cache(warm_dino, cache)
     with torch.no_grad():
-        dino.slice_encoder(image)  # pre-warm: these patches have been seen before
+        warm_dino.slice_encoder(image)  # pre-warm: these patches have been seen before
     cache.reset_stats()
-    train["DINO-3DRA, warm cache"] = _train_step_seconds(dino, image, label, repeats)
-    attach_embedding_cache(dino, None)
+    steps = {
+        "plain U-Net": _train_step(_build(False, network_kwargs, device), image, label),
+        "DINO-3DRA, no cache": _train_step(dino, image, label),
+        "DINO-3DRA, warm cache": _train_step(warm_dino, image, label),
+    }
+    train = _interleaved_median_seconds(steps, repeats, device)
     for name, seconds in train.items():
         print(f"  {name:<24} {seconds:8.2f} s/step  {seconds / train['plain U-Net']:5.2f}x plain")
     print(f"  (warm cache: {cache.hit_rate:.0%} of the slice lookups were hits)")
@@ -245,8 +263,9 @@ def main(
 
     slices = torch.rand(64, roi, roi, generator=torch.Generator().manual_seed(2)).to(device)
     seconds = _median_seconds(lambda: dino.slice_encoder.encode_slices(slices), repeats, device)
+    slices_per_second = len(slices) / seconds
     print(
-        f"\nSlice encoder alone: {len(slices) / seconds:.1f} slices/s "
+        f"\nSlice encoder alone: {slices_per_second:.1f} slices/s "
         f"({len(slices)} slices of {roi}x{roi} -> {dino_image_size}^2, median of {repeats} after 1 warm-up)"
     )
 
@@ -280,7 +299,10 @@ def main(
                 if run["cuda_peak_gib"] is not None:
                     line += f"  CUDA peak {run['cuda_peak_gib']:6.2f} GiB"
                 if run["hit_rate"] is not None:
-                    line += f"  slice cache hits {run['hit_rate']:.0%}"
+                    line += (
+                        f"  slice cache hits {run['hit_rate']:.0%}, {run['encoded']} slices encoded "
+                        f"(~{run['encoded'] / slices_per_second:.0f} s at the encoder's rate)"
+                    )
                 print(line)
             if size == largest:
                 dino_run = runs["DINO-3DRA, cold cache"]
