@@ -30,13 +30,13 @@ PAPER_ROWS = [
 def train_calls(monkeypatch) -> list[str]:
     """Names of the rows trained while the test runs."""
     calls: list[str] = []
-    real = study.train_row
+    real = study.run.train_row
 
     def counting(row_dir, *args, **kwargs):
         calls.append(Path(row_dir).name)
         return real(row_dir, *args, **kwargs)
 
-    monkeypatch.setattr(study, "train_row", counting)
+    monkeypatch.setattr(study.run, "train_row", counting)  # where _run_row looks it up
     return calls
 
 
@@ -153,18 +153,18 @@ def test_an_interrupted_study_resumes_without_retraining_finished_rows(micro_stu
     shutil.copytree(micro_study, output)
     plain_done = output / "rows" / "plain_unet" / "done.json"
     before = plain_done.stat().st_mtime_ns
-    counting = study.train_row
+    counting = study.run.train_row
 
     def interrupted(row_dir, *args, **kwargs):
         counting(row_dir, *args, **kwargs)
         raise KeyboardInterrupt  # after training, before evaluation and done.json
 
-    study.train_row = interrupted
+    study.run.train_row = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             study.main(str(output), budget="micro", rows="plain_unet,without_calibration", overrides=TINY)
     finally:
-        study.train_row = counting
+        study.run.train_row = counting
     assert train_calls == ["without_calibration"]  # plain_unet was finished: skipped
     assert not (output / "rows" / "without_calibration" / "done.json").exists()
     assert (output / "rows" / "without_calibration" / "models" / "model.pt").is_file()
@@ -184,9 +184,9 @@ def test_finished_rows_with_other_settings_count_as_not_run(micro_study, tmp_pat
     output = tmp_path / "study"
     shutil.copytree(micro_study, output)
     plan = study.plan_study("micro", overrides={**TINY, "learning_rate": 0.1})
-    assert study._finished(output, plan, "full") is None
+    assert study.run._finished(output, plan, "full") is None
     assert "| Plain U-Net | not run |" in study.write_tables(output, plan)
-    assert study._finished(output, study.plan_study("micro", overrides=TINY), "full") is not None
+    assert study.run._finished(output, study.plan_study("micro", overrides=TINY), "full") is not None
 
 
 def test_an_output_dir_stays_bound_to_its_data(micro_study, tmp_path):

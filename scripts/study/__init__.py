@@ -1,0 +1,146 @@
+"""The paper's ablation and cross-centre tables, on the same data for every row, with one command.
+
+Run from the bundle root (or with it on ``PYTHONPATH``)::
+
+    python -m scripts.study --output_dir runs/study --budget cpu
+    python -m scripts.study --output_dir runs/study --budget cpu --rows plain_unet,random_features
+    python -m scripts.study --output_dir runs/study --budget full --dino_model /weights/dinov3-vits16 \
+        --dinov2_model /weights/dinov2-small
+
+Rows (what each table line changes) and budgets (data size and schedule) are data in
+``configs/study.yaml``. For every selected row the study trains ``configs/train.yaml`` on the training
+centre (A) and evaluates the best checkpoint (best validation Dice on A's validation split) with
+``configs/evaluate.yaml`` on the test split of every test centre (A, B, C), each through
+``monai.bundle.ConfigWorkflow`` exactly as the bundle's own commands do. Each workflow gets, later ones
+winning: the budget's ``config``, ``dino_model`` and ``seed`` from the command, ``overrides``, the row's
+own overrides; then the study's own keys (data location, scored split, output folders), which nothing
+else may set.
+
+What keeps the numbers honest:
+
+* One set of data for every row: the training centre's dataset and every test centre's dataset are
+  generated once (seeds derived from ``seed`` and the centre, so no two centres share a phantom), and
+  ``output_dir`` stays bound to them (``study.json``): a rerun with other cases or another seed stops.
+* Test cases never train or select a model; every test case counts (the scored ``n`` is checked against
+  the datalist), and a missed or spurious structure scores Dice 0 and the penalty HD95
+  (:mod:`scripts.metrics`), never a NaN that a mean skips.
+* Every encoder the rows to run need is loaded before anything is trained; one that cannot be loaded
+  stops the study with the loader's error (which says how to get the weights). Random weights are
+  never swapped in: the source and SHA-256 of the encoder each row was trained with are read back from
+  its checkpoint, written to ``results.csv`` and under both tables, and random ones are marked.
+* A finished row is reused only when its settings are exactly this run's; one with other settings
+  shows as "not run" until it is rerun.
+
+Layout of ``output_dir``::
+
+    study.json                     budget cases, seed and dataset seeds this folder is bound to
+    data/<centre>/                 synthetic datasets (dataset.json + NIfTI), generated once
+    embedding_cache/               slice embeddings, shared by every row with the same encoder
+    rows/<row>/models/             model.pt (best validation Dice) and the resumable checkpoint
+    rows/<row>/eval_<centre>/      per_case.csv, summary.json, summary.md
+    rows/<row>/done.json           written last: settings, encoder, timings and summaries of the row
+    results.csv                    one line per (row, centre)
+    ablation.md, cross_centre.md   the paper's two tables, rebuilt from every finished row
+
+Resume: rerun the same command. Finished rows (with ``done.json``) are skipped; an unfinished row's
+folder is deleted and the row redone from the start.
+
+The package, one job per module: :mod:`scripts.study.plan` (``configs/study.yaml``, every row's settings,
+the encoder check), :mod:`scripts.study.run` (the data, training and evaluating a row, ``done.json``,
+resume), :mod:`scripts.study.tables` (``results.csv`` and the two tables); :func:`main` here ties them
+together, and ``__main__`` is the command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scripts.networks import DEFAULT_DINO_MODEL
+
+from .plan import (
+    DEFAULT_DINOV2_MODEL,
+    Budget,
+    StudyConfig,
+    StudyPlan,
+    check_encoders,
+    load_study_config,
+    plan_study,
+)
+from .run import _bind_output_dir, _finished, _prepare_data, _run_row, dataset_seed, evaluate_row, train_row
+from .tables import CSV_COLUMNS, write_tables
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DEFAULT_DINOV2_MODEL",
+    "DEFAULT_DINO_MODEL",
+    "Budget",
+    "StudyConfig",
+    "StudyPlan",
+    "check_encoders",
+    "dataset_seed",
+    "evaluate_row",
+    "load_study_config",
+    "main",
+    "plan_study",
+    "train_row",
+    "write_tables",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def main(
+    output_dir: str,
+    budget: str = "cpu",
+    rows: str | Sequence[str] | None = None,
+    dino_model: str = DEFAULT_DINO_MODEL,
+    dinov2_model: str = DEFAULT_DINOV2_MODEL,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | str | None = None,
+) -> str:
+    """Train and evaluate the selected rows of ``configs/study.yaml``, then write the tables.
+
+    Args:
+        output_dir: the study folder (see the module docstring); rerun with the same one to resume.
+        budget: a budget of ``configs/study.yaml``: ``micro`` (tests), ``cpu`` (well under an hour on a 2-core
+            CPU), ``full`` (the paper's GPU schedule). Default ``cpu``.
+        rows: rows to run, comma-separated or a list; default all. Finished rows that are not selected
+            still appear in the tables.
+        dino_model: encoder weights of every row that does not name its own (hub id, local folder, Meta
+            ``.pth``, or ``random[:SEED]``); ``<dino_model>`` in study.yaml. Default DINOv3 ViT-S/16.
+        dinov2_model: ``<dinov2_model>`` in study.yaml (the DINOv2-small row). Default
+            ``facebook/dinov2-small``.
+        seed: training seed of every row; the dataset seeds derive from it. Default 0.
+        overrides: config overrides for every workflow of every row (a mapping, or JSON/YAML text), above
+            the budget and ``dino_model`` and below the row's own.
+
+    Returns:
+        the two tables (Markdown), as written to ``ablation.md`` and ``cross_centre.md``.
+
+    Raises:
+        ValueError: bad arguments, or an ``output_dir`` made with other data.
+        EncoderWeightsError: an encoder a row to run needs cannot be loaded (before anything is trained).
+    """
+    plan = plan_study(budget, rows, dino_model, dinov2_model, seed, overrides)
+    output = Path(output_dir).expanduser().resolve()
+    _bind_output_dir(output, plan, write=False)
+    finished = {row: _finished(output, plan, row) is not None for row in plan.selected}
+    to_run = [row for row in plan.selected if not finished[row]]
+    encoders = check_encoders(plan, to_run)
+
+    output.mkdir(parents=True, exist_ok=True)
+    _bind_output_dir(output, plan, write=True)
+    datasets = _prepare_data(output, plan)
+    for index, row in enumerate(plan.selected, start=1):
+        if finished[row]:
+            logger.info("row %d/%d %s: finished earlier, skipped", index, len(plan.selected), row)
+            continue
+        logger.info("row %d/%d %s", index, len(plan.selected), row)
+        _run_row(output, plan, row, datasets, encoders[row])
+        write_tables(output, plan, warn=False)
+    tables = write_tables(output, plan)
+    logger.info("study written to %s", output)
+    return tables

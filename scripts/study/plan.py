@@ -1,0 +1,354 @@
+"""The study's plan: ``configs/study.yaml`` read and checked, every row's settings resolved, encoders loaded.
+
+Nothing here trains, generates or writes; :func:`plan_study` and :func:`check_encoders` run before anything
+does, so a bad argument or missing encoder weights stop the study first.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from monai.bundle import ConfigParser
+
+from scripts.data import get_centre
+from scripts.networks import DEFAULT_DINO_MODEL, EncoderProvenance, EncoderWeightsError
+from scripts.networks import load_encoder as _load_encoder
+
+__all__ = [
+    "DEFAULT_DINOV2_MODEL",
+    "Budget",
+    "StudyConfig",
+    "StudyPlan",
+    "check_encoders",
+    "load_study_config",
+    "plan_study",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = BUNDLE_ROOT / "configs"
+STUDY_CONFIG = CONFIG_DIR / "study.yaml"
+TRAIN_CONFIG = CONFIG_DIR / "train.yaml"
+EVALUATE_CONFIG = CONFIG_DIR / "evaluate.yaml"
+
+DEFAULT_DINOV2_MODEL = "facebook/dinov2-small"
+# "<name>" in a row or override is replaced by the command's argument ``name``.
+_PLACEHOLDER = re.compile(r"^<(\w+)>$")
+_ROW_NAME = re.compile(r"^[A-Za-z][\w-]*$")
+# Keys only the study sets: where data come from, which split is scored, where results go, the seed.
+RESERVED_KEYS = frozenset(
+    {
+        "bundle_root",
+        "output_dir",
+        "ckpt_dir",
+        "dataset_dir",
+        "synthetic_dir",
+        "embedding_cache_dir",
+        "eval_split",
+        "eval_dir",
+        "model_path",
+        "resume_checkpoint",
+        "seed",
+    }
+)
+# Config sections that decide what is scored and how: not to be overridden by a budget, row or user.
+RESERVED_SECTIONS = frozenset(
+    {"datalist", "validate", "evaluate", "initialize", "run", "finalize", "training", "evaluating"}
+)
+
+
+# --------------------------------------------------------------------------------------------------------
+# configs/study.yaml
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data and training one study gets.
+
+    Args:
+        name: its key in ``budgets``.
+        cases: centre -> number of synthetic phantoms generated for it (>= 3).
+        config: overrides of ``train.yaml``, for training and evaluation alike.
+        config_files: override files stacked on ``train.yaml``, relative to the bundle root.
+    """
+
+    name: str
+    cases: dict[str, int]
+    config: dict[str, Any]
+    config_files: tuple[str, ...] = ()
+
+    def config_paths(self) -> list[Path]:
+        return [BUNDLE_ROOT / f for f in self.config_files]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``configs/study.yaml``: centres, rows (name -> overrides), their labels, budgets."""
+
+    train_centre: str
+    test_centres: tuple[str, ...]
+    rows: dict[str, dict[str, Any]]
+    labels: dict[str, str]
+    budgets: dict[str, Budget]
+
+    @property
+    def centres(self) -> list[str]:
+        """Every centre with a dataset: the training centre first."""
+        return list(dict.fromkeys([self.train_centre, *self.test_centres]))
+
+
+def _check_keys(where: str, overrides: Mapping[str, Any]) -> None:
+    """Refuse keys that only the study may set (see :data:`RESERVED_KEYS` and :data:`RESERVED_SECTIONS`)."""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{where} must be a mapping of config keys to values, got {overrides!r}.")
+    for key in overrides:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{where}: config keys must be non-empty strings, got {key!r}.")
+        if key in RESERVED_KEYS or key.split("#")[0] in RESERVED_SECTIONS:
+            raise ValueError(
+                f"{where} sets {key!r}, which the study sets itself (data location, scored split, output "
+                f"folders, seed; --seed sets the seed). Reserved: {sorted(RESERVED_KEYS)} and the sections "
+                f"{sorted(RESERVED_SECTIONS)}."
+            )
+
+
+def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
+    """Read and check ``configs/study.yaml`` (or another file of the same form).
+
+    Raises:
+        ValueError: naming the file and the entry that is missing or malformed.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read the study config ({error}).") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level.")
+    missing = {"train_centre", "test_centres", "rows", "budgets"} - set(raw)
+    if missing:
+        raise ValueError(f"{path}: missing {sorted(missing)}.")
+
+    centres = [raw["train_centre"], *raw["test_centres"]]
+    for centre in centres:
+        get_centre(centre)  # raises for an unknown centre
+    rows = raw["rows"]
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError(f"{path}: 'rows' must map row names to config overrides.")
+    for name, overrides in rows.items():
+        if not isinstance(name, str) or not _ROW_NAME.match(name):
+            raise ValueError(
+                f"{path}: row name {name!r} must be a letter followed by letters, digits, _ or -."
+            )
+        _check_keys(f"{path}: row {name!r}", overrides or {})
+    labels = {name: str((raw.get("labels") or {}).get(name, name)) for name in rows}
+
+    budgets: dict[str, Budget] = {}
+    for name, entry in (raw["budgets"] or {}).items():
+        where = f"{path}: budget {name!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("cases"), dict):
+            raise ValueError(f"{where} needs 'cases': centre -> number of phantoms.")
+        cases = {str(c): n for c, n in entry["cases"].items()}
+        for centre in dict.fromkeys(centres):
+            n = cases.get(centre)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+                raise ValueError(f"{where}: cases[{centre!r}] must be an integer >= 3, got {n!r}.")
+        config = dict(entry.get("config") or {})
+        _check_keys(where, config)
+        files = tuple(str(f) for f in entry.get("config_files") or ())
+        for file in files:
+            if not (BUNDLE_ROOT / file).is_file():
+                raise ValueError(f"{where}: config file {file!r} not found under {BUNDLE_ROOT}.")
+        budgets[name] = Budget(name=name, cases=cases, config=config, config_files=files)
+    if not budgets:
+        raise ValueError(f"{path}: no budgets.")
+    return StudyConfig(
+        train_centre=str(raw["train_centre"]),
+        test_centres=tuple(str(c) for c in raw["test_centres"]),
+        rows={name: dict(overrides or {}) for name, overrides in rows.items()},
+        labels=labels,
+        budgets=budgets,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# planning: every row's settings, before anything runs
+
+
+@dataclass
+class StudyPlan:
+    """What one invocation does.
+
+    Attributes:
+        config: the study config.
+        budget: the chosen budget.
+        seed: training seed; the dataset seeds derive from it.
+        selected: the rows to run (study.yaml order).
+        settings: row -> its overrides for every workflow, for *all* rows (finished rows are reused only
+            when theirs equal these).
+        effective: row -> ``use_dino``, ``dino_model``, ``dino_config``, ``epochs``, ``val_interval`` as the
+            bundle config resolves them.
+    """
+
+    config: StudyConfig
+    budget: Budget
+    seed: int
+    selected: list[str]
+    settings: dict[str, dict[str, Any]]
+    effective: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def train_files(self) -> list[Path]:
+        return [TRAIN_CONFIG, *self.budget.config_paths()]
+
+    @property
+    def evaluate_files(self) -> list[Path]:
+        return [*self.train_files, EVALUATE_CONFIG]
+
+
+def _parse_rows(rows: str | Sequence[str] | None, config: StudyConfig) -> list[str]:
+    """``"a,b"`` (or what ``fire`` makes of it: a tuple), a list, or None (all rows) -> names in study order."""
+    if rows is None:
+        return list(config.rows)
+    names = [r.strip() for r in rows.split(",")] if isinstance(rows, str) else [str(r).strip() for r in rows]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in config.rows]
+    if unknown or not names:
+        raise ValueError(f"rows must name rows of configs/study.yaml {list(config.rows)}, got {rows!r}.")
+    return [n for n in config.rows if n in names]
+
+
+def _substitute(value: Any, placeholders: Mapping[str, Any], where: str) -> Any:
+    """Replace every string ``"<name>"`` (in nested dicts and lists too) by ``placeholders[name]``."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, placeholders, where) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_substitute(v, placeholders, where) for v in value]
+    if isinstance(value, str) and (match := _PLACEHOLDER.match(value)):
+        if match.group(1) not in placeholders:
+            raise ValueError(f"{where}: unknown placeholder {value!r}; known: {sorted(placeholders)}.")
+        return placeholders[match.group(1)]
+    return value
+
+
+def _json_normal(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists), so settings compare with done.json."""
+    return json.loads(json.dumps(value))
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = yaml.safe_load(overrides)
+        except yaml.YAMLError as error:
+            raise ValueError(f"overrides must be a mapping (JSON or YAML), got {overrides!r}.") from error
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"overrides must be a mapping of config keys to values, got {overrides!r}.")
+    return dict(overrides)
+
+
+def _effective_settings(config_files: Sequence[Path], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the bundle config resolves for the keys the study checks before running."""
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    parser.update(dict(settings))
+    keys = ("use_dino", "dino_model", "dino_config", "epochs", "val_interval")
+    return {key: parser.get_parsed_content(key) for key in keys}
+
+
+def plan_study(
+    budget: str,
+    rows: str | Sequence[str] | None = None,
+    dino_model: str = DEFAULT_DINO_MODEL,
+    dinov2_model: str = DEFAULT_DINOV2_MODEL,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | str | None = None,
+    config: StudyConfig | None = None,
+) -> StudyPlan:
+    """Resolve every row's settings and check them; nothing is loaded, generated or written.
+
+    A row's settings are, later ones winning: the budget's ``config``; ``dino_model`` and ``seed`` from the
+    arguments; ``overrides``; the row's own overrides. ``"<dino_model>"`` and ``"<dinov2_model>"`` anywhere
+    in them stand for the arguments of those names.
+
+    Raises:
+        ValueError: an unknown budget or row, a reserved key in ``overrides``, an unknown placeholder, a
+            negative seed, or a row whose ``val_interval`` exceeds ``epochs`` (it would never save a model).
+    """
+    config = config or load_study_config()
+    if budget not in config.budgets:
+        raise ValueError(f"budget must be one of {list(config.budgets)}, got {budget!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    user = _parse_overrides(overrides)
+    _check_keys("overrides", user)
+    chosen = config.budgets[budget]
+    placeholders = {"dino_model": str(dino_model), "dinov2_model": str(dinov2_model)}
+    plan = StudyPlan(config=config, budget=chosen, seed=seed, selected=_parse_rows(rows, config), settings={})
+    for row, row_overrides in config.rows.items():
+        merged = {**chosen.config, "dino_model": dino_model, **user, **row_overrides, "seed": seed}
+        plan.settings[row] = _json_normal(_substitute(merged, placeholders, f"row {row!r}"))
+    for row in plan.selected:
+        effective = _effective_settings(plan.train_files, plan.settings[row])
+        if effective["val_interval"] > effective["epochs"]:
+            raise ValueError(
+                f"row {row!r}: val_interval {effective['val_interval']} > epochs {effective['epochs']}: "
+                "training would never validate, so no model would be selected."
+            )
+        plan.effective[row] = effective
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------------
+# encoders
+
+
+def check_encoders(plan: StudyPlan, rows: Sequence[str]) -> dict[str, EncoderProvenance | None]:
+    """Load every encoder ``rows`` need (each distinct one once); return row -> provenance (None: no encoder).
+
+    Raises:
+        EncoderWeightsError: an encoder cannot be loaded; the message names the rows that need it, the
+            loader's explanation of how to get the weights, and how to leave those rows out.
+    """
+    needed: dict[str, list[str]] = {}
+    for row in rows:
+        if plan.effective[row]["use_dino"]:
+            key = json.dumps([plan.effective[row]["dino_model"], plan.effective[row]["dino_config"]])
+            needed.setdefault(key, []).append(row)
+    loaded: dict[str, EncoderProvenance] = {}
+    for key, users in needed.items():
+        dino_model, dino_config = json.loads(key)
+        try:
+            loaded[key] = _load_encoder(dino_model, dino_config=dino_config).provenance
+        except EncoderWeightsError as error:
+            others = [r for r in plan.selected if r not in users]
+            leave_out = f"--rows {','.join(others)}" if others else "a --rows list without them"
+            raise EncoderWeightsError(
+                f"Row(s) {users} need the encoder weights dino_model={dino_model!r}, which cannot be loaded; "
+                f"nothing was trained. To run the other rows only, pass {leave_out}.\n{error}"
+            ) from error
+        gc.collect()
+        logger.info(
+            "encoder %s for %s: %s (sha256 %s...)",
+            dino_model,
+            users,
+            "RANDOM weights" if loaded[key].is_random else "pretrained weights",
+            loaded[key].sha256[:12],
+        )
+    return {
+        row: loaded[json.dumps([plan.effective[row]["dino_model"], plan.effective[row]["dino_config"]])]
+        if plan.effective[row]["use_dino"]
+        else None
+        for row in rows
+    }
