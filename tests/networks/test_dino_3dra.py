@@ -95,6 +95,20 @@ def test_precomputed_embeddings_give_identical_logits():
         torch.testing.assert_close(net(x, slice_embeddings=embeddings), net(x), rtol=0, atol=0)
 
 
+def test_mixed_precision_forward_and_backward_follow_float32():
+    # the bundle trains with AMP on GPUs; CPU bfloat16 autocast exercises the same casts
+    net = tiny_net()
+    x = torch.rand(2, 1, *ROI)
+    reference = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(x)
+    logits.float().square().mean().backward()
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_checkpoint_round_trip_with_random_encoder(tmp_path):
     x = torch.rand(1, 1, *ROI)
     trained = tiny_net(dino_model="random:7").eval()
