@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+def replace_atomically(
+    path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp", durable: bool = True
+) -> None:
+    """Let ``write`` fill a temporary file next to ``path``, then ``os.replace`` it into ``path``.
 
-    An interrupted write leaves ``path`` as it was (absent or the previous version) and no temporary file.
+    An interrupted or failing write leaves ``path`` as it was (absent or the previous version) and no
+    temporary file.
+
+    Args:
+        path: the file to create or replace; its folder is created if needed.
+        write: called with the temporary file's path; writes the whole content there.
+        suffix: ending of the temporary name, for writers that choose the format by it (``".tmp.nii.gz"``).
+        durable: ``fsync`` before the rename, so the content survives a crash of the machine too. Entries
+            that can be recomputed (a cache) may skip it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        tmp = handle.name
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as written:
+                os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`replace_atomically`."""
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(text))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from scripts.atomic_io import replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +141,9 @@ class SliceEmbeddingCache:
     def _store(self, key: str, embedding: torch.Tensor) -> None:
         if self.cache_dir is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write aside, then rename: a reader (or a second process) never sees half an entry.
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            np.save(handle, embedding.numpy())
-        os.replace(handle.name, path)
+        # A reader (or a second process) never sees half an entry; no fsync: a lost entry is recomputed.
+        array = embedding.numpy()
+        replace_atomically(self._path(key), lambda tmp: np.save(tmp, array), suffix=".tmp.npy", durable=False)
 
 
 def attach_embedding_cache(network: nn.Module, cache: SliceEmbeddingCache | None) -> nn.Module:

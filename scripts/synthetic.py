@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import time
-import uuid
 
 import nibabel as nib
 import numpy as np
 
-from scripts.atomic_io import write_atomically
+from scripts.atomic_io import replace_atomically, write_atomically
 from scripts.data import GENERATOR_VERSION, LABELS, generate_case, get_centre, save_preview
 
 __all__ = ["case_seed", "ensure_dataset", "main", "split_sizes", "write_dataset"]
@@ -58,26 +57,14 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _temporary_name(path: str, suffix: str) -> str:
-    """A hidden, unique name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-
-
 def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     """Save a NIfTI through a temporary file in the same folder, then ``os.replace`` it into ``path``."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    tmp = _temporary_name(path, ".tmp.nii.gz")  # nibabel picks gzip from the ending
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # nibabel picks gzip from the ending
+    replace_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".tmp.nii.gz")
 
 
 def _atomic_json(data: dict, path: str) -> None:

@@ -109,7 +109,7 @@ def test_disk_cache_survives_a_restart_and_ignores_corrupted_entries(tmp_path, c
     first = SliceEmbeddingCache(cache_dir=tmp_path)
     expected = first.encode(slices, encoder.encode_slices, encoder.cache_namespace)
     files = sorted(tmp_path.rglob("*.npy"))
-    assert len(files) == 3 and not list(tmp_path.rglob("*.tmp"))
+    assert len(files) == 3 and not list(tmp_path.rglob("*.tmp*"))
 
     restarted = SliceEmbeddingCache(cache_dir=tmp_path)
     counter = CountingEncoder(encoder)
