@@ -35,13 +35,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +54,6 @@ __all__ = [
     "case_metrics",
     "class_metrics",
     "detection_counts",
-    "dice_per_class_from_onehot",
     "format_markdown_table",
     "summarize",
 ]
@@ -605,45 +601,3 @@ def format_markdown_table(summary: Mapping[str, Any]) -> str:
         "HD95 = max of the two directed 95th percentiles of surface distances."
     )
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------------
-# torch helper for validation during training
-
-
-def dice_per_class_from_onehot(
-    pred: torch.Tensor, label: torch.Tensor, include_background: bool = False
-) -> torch.Tensor:
-    """Per-sample, per-class Dice of binary one-hot tensors with the same empty-mask rules as above.
-
-    Unlike a Dice that returns NaN for an empty truth (which a mean then skips), both empty scores 1 and
-    exactly one empty scores 0, so a validation mean cannot be flattered by skipped cases.
-
-    Args:
-        pred: binary one-hot prediction (B, C, *spatial), e.g. after
-            ``AsDiscrete(argmax=True, to_onehot=3)``; values > 0.5 count as foreground.
-        label: binary one-hot truth (B, C, *spatial), same shape.
-        include_background: keep channel 0. Defaults to False.
-
-    Returns:
-        Dice (B, C) float tensor, or (B, C - 1) without background.
-
-    Raises:
-        ValueError: if the shapes differ or have fewer than 3 dimensions.
-    """
-    import torch
-
-    if pred.shape != label.shape or pred.ndim < 3:
-        raise ValueError(
-            f"pred and label must be one-hot (B, C, *spatial) of the same shape, got "
-            f"{tuple(pred.shape)} and {tuple(label.shape)}"
-        )
-    if not include_background:
-        pred, label = pred[:, 1:], label[:, 1:]
-    p = pred > 0.5
-    t = label > 0.5
-    dims = tuple(range(2, pred.ndim))
-    intersection = (p & t).sum(dim=dims).to(torch.float64)  # (B, C)
-    total = (p.sum(dim=dims) + t.sum(dim=dims)).to(torch.float64)  # (B, C)
-    dice = torch.where(total > 0, 2.0 * intersection / total.clamp_min(1.0), torch.ones_like(total))
-    return dice.to(torch.float32)

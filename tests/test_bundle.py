@@ -236,6 +236,33 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         }
 
 
+def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
+    # model.pt is chosen by this metric: a skipped empty-truth case would hide false positives
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    metrics = {
+        name: parser.get_parsed_content(f"validate#{group}#{name}").metric_fn
+        for group, name in [
+            ("key_metric", "val_mean_dice"),
+            ("additional_metrics", "val_vessel_dice"),
+            ("additional_metrics", "val_aneurysm_dice"),
+        ]
+    }
+    label = torch.zeros(2, 3, 4, 4, 4)
+    pred = torch.zeros(2, 3, 4, 4, 4)
+    label[0, 1, :2] = 1  # 32 voxels
+    pred[0, 1, 1:3] = 1  # 32 voxels, overlap 16 -> Dice 0.5
+    label[0, 2, 0, 0, 0] = 1  # aneurysm missed in sample 0 -> 0
+    pred[1, 2, 0, 0, 0] = 1  # vessel both empty in sample 1 -> 1, aneurysm spurious -> 0
+    torch.testing.assert_close(metrics["val_mean_dice"](pred, label), torch.tensor([[0.5, 0.0], [1.0, 0.0]]))
+    torch.testing.assert_close(
+        metrics["val_vessel_dice"](pred[:, 1:2], label[:, 1:2]), torch.tensor([[0.5], [1.0]])
+    )
+    torch.testing.assert_close(
+        metrics["val_aneurysm_dice"](pred[:, 2:], label[:, 2:]), torch.tensor([[0.0], [0.0]])
+    )
+
+
 ABLATIONS = {
     "plain_unet": ({"use_dino": False}, lambda net: net.slice_encoder is None),
     "without_room_lite": (

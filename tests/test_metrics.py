@@ -372,24 +372,3 @@ def test_markdown_table():
     assert "sensitivity 50.0% (2/4 components)" in table
     assert "1.00 false positives per case" in table
     assert "5 mm" in table
-
-
-# --------------------------------------------------------------------------------------------------------
-# torch helper
-
-
-def test_dice_per_class_from_onehot():
-    torch = pytest.importorskip("torch")
-    from scripts.metrics import dice_per_class_from_onehot
-
-    label = torch.zeros(2, 3, 4, 4, 4)
-    pred = torch.zeros(2, 3, 4, 4, 4)
-    label[0, 1, :2] = 1  # 32 voxels
-    pred[0, 1, 1:3] = 1  # 32 voxels, overlap 16 -> Dice 0.5
-    label[0, 2, 0, 0, 0] = 1  # aneurysm missed in sample 0 -> 0
-    pred[1, 2, 0, 0, 0] = 1  # vessel both empty in sample 1 -> 1, aneurysm spurious -> 0
-    dice = dice_per_class_from_onehot(pred, label)
-    assert dice.shape == (2, 2)
-    torch.testing.assert_close(dice, torch.tensor([[0.5, 0.0], [1.0, 0.0]]))
-    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4, 4\).*\(2, 3, 4, 4\)"):
-        dice_per_class_from_onehot(pred, label[..., 0])
