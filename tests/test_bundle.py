@@ -236,6 +236,18 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         }
 
 
+def test_evaluation_infers_as_inference_does():
+    evaluate, infer = ConfigParser(), ConfigParser()
+    evaluate.read_config([TRAIN, str(CONFIGS / "evaluate.yaml")])
+    infer.read_config(str(CONFIGS / "inference.yaml"))
+    evaluating, inferring = (
+        evaluate.get_parsed_content("validate#inferer"),
+        infer.get_parsed_content("inferer"),
+    )
+    for setting in ("roi_size", "overlap", "mode", "sigma_scale", "padding_mode"):
+        assert getattr(evaluating, setting) == getattr(inferring, setting), setting
+
+
 def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
     # model.pt is chosen by this metric: a skipped empty-truth case would hide false positives
     parser = ConfigParser()
