@@ -24,7 +24,8 @@ def resolve_datalist(
         dataset_dir: the user's dataset folder holding ``dataset.json`` (Decathlon-style datalist with
             ``training`` / ``validation`` / ``test`` lists of ``{"image": ..., "label": ...}``, paths
             relative to the folder), or None for the synthetic default.
-        synthetic_dir: where the synthetic dataset lives (generated once, then reused).
+        synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
+            run by rank 0 alone, the other ranks waiting for it).
         synthetic_cases, synthetic_seed, synthetic_centre: how to generate it.
 
     Raises:
@@ -39,11 +40,15 @@ def resolve_datalist(
                 "leave dataset_dir unset to use the synthetic phantoms."
             )
         return str(path)
+    import ignite.distributed as idist
+
     from scripts.synthetic import ensure_dataset
 
-    return ensure_dataset(
-        synthetic_dir, num_cases=synthetic_cases, seed=synthetic_seed, centre=synthetic_centre
-    )
+    # In distributed runs local rank 0 generates while the other ranks wait, then they find it written.
+    with idist.one_rank_first(local=True):
+        return ensure_dataset(
+            synthetic_dir, num_cases=synthetic_cases, seed=synthetic_seed, centre=synthetic_centre
+        )
 
 
 def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
