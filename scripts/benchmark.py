@@ -90,18 +90,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(step: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of ``repeats`` calls of ``step`` after one warm-up call."""
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def _train_step(net: Dino3DRA, image: torch.Tensor, label: torch.Tensor) -> Callable[[], None]:
     """One forward + DiceCE loss + backward + AdamW step on one batch."""
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -262,7 +250,8 @@ def main(
     warm = train["DINO-3DRA, warm cache"] / train["plain U-Net"]
 
     slices = torch.rand(64, roi, roi, generator=torch.Generator().manual_seed(2)).to(device)
-    seconds = _median_seconds(lambda: dino.slice_encoder.encode_slices(slices), repeats, device)
+    encode = {"encoder": lambda: dino.slice_encoder.encode_slices(slices)}
+    seconds = _interleaved_median_seconds(encode, repeats, device)["encoder"]
     slices_per_second = len(slices) / seconds
     print(
         f"\nSlice encoder alone: {slices_per_second:.1f} slices/s "

@@ -55,6 +55,7 @@ __all__ = [
     "class_metrics",
     "detection_counts",
     "format_markdown_table",
+    "format_mean_std",
     "summarize",
 ]
 
@@ -546,7 +547,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _mean_std(stats: Mapping[str, float], digits: int) -> str:
+def format_mean_std(stats: Mapping[str, float], digits: int) -> str:
+    """``{"mean": m, "std": s}`` -> ``"m ± s"`` with ``digits`` decimals."""
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
@@ -569,9 +571,9 @@ def format_markdown_table(summary: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary["classes"].items():
         lines.append(
-            f"| {name} | {_mean_std(entry['dice'], 3)} | {_mean_std(entry['hd95'], 2)} "
-            f"| {_mean_std(entry['jaccard'], 3)} | {_mean_std(entry['volume_similarity'], 3)} "
-            f"| {_mean_std(entry['assd'], 2)} | {entry['n']} "
+            f"| {name} | {format_mean_std(entry['dice'], 3)} | {format_mean_std(entry['hd95'], 2)} "
+            f"| {format_mean_std(entry['jaccard'], 3)} | {format_mean_std(entry['volume_similarity'], 3)} "
+            f"| {format_mean_std(entry['assd'], 2)} | {entry['n']} "
             f"| {entry['missed']} / {entry['spurious']} / {entry['both_empty']} |"
         )
     lines.append("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any, Protocol
@@ -85,9 +86,9 @@ class SliceEncoder(nn.Module):
         self.register_buffer("image_std", torch.tensor(loaded.image_std).view(1, 3, 1, 1), persistent=False)
         self.cache: EmbeddingCache | None = None
 
-    @property
+    @functools.cached_property
     def cache_namespace(self) -> str:
-        """Everything besides the slice content that determines an embedding, hashed."""
+        """Everything besides the slice content that determines an embedding, hashed (once: all fixed)."""
         parts = (
             self.provenance.sha256,
             self.image_size,

@@ -12,6 +12,7 @@ cheap next to the U-Net.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -100,7 +101,7 @@ def group_norm(profile: SliceProfile, norm: nn.GroupNorm) -> SliceProfile:
     grouped = values.reshape(batch, groups, channels // groups, *values.shape[2:])
     counts = profile.counts().unsqueeze(1)
     dims = tuple(range(2, grouped.ndim))
-    total = counts.sum() * (channels // groups)
+    total = math.prod(profile.shape) * (channels // groups)  # voxels per group of the full volume
     mean = (grouped * counts).sum(dims, keepdim=True) / total
     centred = grouped - mean
     variance = (centred.square() * counts).sum(dims, keepdim=True) / total

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.atomic_io import write_atomically
-from scripts.metrics import FAILURE_DICE_THRESHOLD
+from scripts.metrics import FAILURE_DICE_THRESHOLD, format_mean_std
 
 from .plan import StudyPlan
 from .run import _finished, dataset_seed
@@ -34,10 +34,6 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _mean_std(stats: Mapping[str, Any], digits: int) -> str:
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def _label(plan: StudyPlan, row: str, record: Mapping[str, Any] | None) -> str:
@@ -167,9 +163,9 @@ def _ablation_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) -> s
         aneurysm, vessel = summary["classes"]["aneurysm"], summary["classes"]["vessel"]
         cells = [
             _label(plan, row, record),
-            _mean_std(aneurysm["dice"], 3),
-            _mean_std(aneurysm["hd95"], 2),
-            _mean_std(vessel["dice"], 3),
+            format_mean_std(aneurysm["dice"], 3),
+            format_mean_std(aneurysm["hd95"], 2),
+            format_mean_std(vessel["dice"], 3),
             f"{summary['failure']['k']}/{summary['failure']['n']}",
             _duration(record["train_seconds"]),
         ]
@@ -196,7 +192,7 @@ def _cross_centre_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) 
         for centre in centres:
             summary = record["centres"][centre]["summary"]
             cells += [
-                _mean_std(summary["classes"]["aneurysm"]["dice"], 3),
+                format_mean_std(summary["classes"]["aneurysm"]["dice"], 3),
                 f"{summary['failure']['k']}/{summary['failure']['n']}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
