@@ -68,12 +68,14 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         """Crop starts for one case. ``label``: (D, H, W) integer classes."""
         shape = label.shape
         flat = label.reshape(-1)
-        weights = np.array([r if np.any(flat == c) else 0.0 for c, r in enumerate(self.ratios)])
+        # one pass per weighted class: its voxels, and whether it is present at all
+        members = [np.flatnonzero(flat == c) if r > 0 else None for c, r in enumerate(self.ratios)]
+        weights = np.array(
+            [r if m is not None and m.size else 0.0 for r, m in zip(self.ratios, members, strict=True)]
+        )
         if weights.sum() == 0:  # none of the weighted classes present: centre anywhere
             weights = np.ones(1)
             members = [np.arange(flat.size)]
-        else:
-            members = [np.flatnonzero(flat == c) if w > 0 else None for c, w in enumerate(weights)]
         starts = []
         for _ in range(self.num_samples):
             cls = self.R.choice(len(weights), p=weights / weights.sum())
@@ -97,7 +99,7 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
                 "pad it first."
             )
         samples = []
-        for start in self.randomize(label[0].astype(np.int64)):
+        for start in self.randomize(label[0]):
             crop = SpatialCrop(
                 roi_start=start, roi_end=[s + r for s, r in zip(start, self.spatial_size, strict=True)]
             )
