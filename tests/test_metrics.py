@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from scripts.metrics import (
@@ -372,3 +373,26 @@ def test_markdown_table():
     assert "sensitivity 50.0% (2/4 components)" in table
     assert "1.00 false positives per case" in table
     assert "5 mm" in table
+
+
+def test_surface_distances_agree_with_monai_on_irregular_anisotropic_masks():
+    torch = pytest.importorskip("torch")
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(0)
+
+    def blob(shift: int) -> np.ndarray:
+        mask = np.zeros((40, 36, 30), bool)
+        mask[8 + shift : 25 + shift, 10:24, 5:20] = True
+        return ndimage.binary_dilation(mask, iterations=2) & (rng.random(mask.shape) > 0.1)
+
+    pred, true, spacing = blob(0), blob(3), (0.4, 0.5, 0.8)
+    ours = class_metrics(pred, true, spacing=spacing)
+    # (1, 2, *spatial) one-hot: background, foreground
+    onehot = [torch.from_numpy(np.stack([~m, m])[None].astype(np.float32)) for m in (pred, true)]
+    hd95 = compute_hausdorff_distance(*onehot, include_background=False, percentile=95, spacing=spacing)
+    assd = compute_average_surface_distance(
+        *onehot, include_background=False, symmetric=True, spacing=spacing
+    )
+    assert ours["hd95"] == pytest.approx(hd95.item(), rel=1e-5)
+    assert ours["assd"] == pytest.approx(assd.item(), rel=1e-5)
