@@ -89,6 +89,12 @@ class Dino3DRA(nn.Module):
             raise ValueError(f"channels needs at least {NUM_DINO_SKIPS + 1} levels, got {tuple(channels)}.")
         if len(roi_size) != 3:
             raise ValueError(f"roi_size must have 3 entries, got {tuple(roi_size)}.")
+        for name, value in (
+            ("use_dino", use_dino),
+            ("use_room_lite", use_room_lite),
+            ("use_calibration", use_calibration),
+        ):
+            check_switch(name, value)
         self.in_channels = in_channels
         self.divisor = 2 ** (len(channels) - 1)
 
@@ -164,6 +170,22 @@ class Dino3DRA(nn.Module):
             )
         if not torch.isfinite(x).all():
             raise ValueError("Input contains NaN or infinite values.")
+
+
+def check_switch(name: str, value: Any) -> None:
+    """Refuse anything but a real ``bool`` for an on/off setting.
+
+    The bundle command line parses overrides as Python literals, so ``--use_dino false`` arrives as the
+    string ``"false"``, which is truthy: accepting it would silently train the wrong ablation row.
+
+    Raises:
+        ValueError: ``value`` is not ``True`` or ``False``; the message names the key and the spelling.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{name} must be True or False, got {value!r} ({type(value).__name__}). On the command line "
+            f"write it as a Python literal: --{name} False (not false)."
+        )
 
 
 def count_parameters(network: Dino3DRA) -> dict[str, int]:
