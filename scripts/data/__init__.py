@@ -5,7 +5,14 @@
 
 from .appearance import render_intensity
 from .centres import CENTRES, DEFAULT_CENTRE, Centre, get_centre
-from .lesions import Aneurysm, HardNegative, place_aneurysms, place_hard_negatives, sample_aneurysm_size
+from .lesions import (
+    LOCATIONS,
+    Aneurysm,
+    HardNegative,
+    place_aneurysms,
+    place_hard_negatives,
+    sample_aneurysm_size,
+)
 from .phantom import (
     GENERATOR_VERSION,
     LABELS,
@@ -13,24 +20,28 @@ from .phantom import (
     PhantomGeometry,
     generate_case,
     generate_geometry,
+    local_diameter,
     phantom_affine,
     render_labels,
 )
 from .preview import save_preview
 from .raster import DistanceField, occupancy
-from .vessel_tree import Bifurcation, Crossing, Loop, Tube, VesselTree, grow_vessel_tree
+from .vessel_tree import TEMPLATES, Bifurcation, Crossing, Landmark, Loop, Tube, VesselTree, grow_vessel_tree
 
 __all__ = [
     "CENTRES",
     "DEFAULT_CENTRE",
     "GENERATOR_VERSION",
     "LABELS",
+    "LOCATIONS",
+    "TEMPLATES",
     "Aneurysm",
     "Bifurcation",
     "Centre",
     "Crossing",
     "DistanceField",
     "HardNegative",
+    "Landmark",
     "Loop",
     "Phantom",
     "PhantomGeometry",
@@ -40,6 +51,7 @@ __all__ = [
     "generate_geometry",
     "get_centre",
     "grow_vessel_tree",
+    "local_diameter",
     "occupancy",
     "phantom_affine",
     "place_aneurysms",

@@ -5,10 +5,11 @@ testing on the others is the synthetic cross-dataset experiment, so the centres 
 model can notice: voxel spacing and field of view, contrast, noise, blur, bone and streak artifacts, and
 the aneurysm size mix.
 
-Intensity unit: arbitrary units (AU) shaped like a reconstructed, non-subtracted 3DRA volume. Soft
-tissue background sits at about 50-220 AU, an opacified lumen at full contrast at about 900-2000 AU, bone
-at 0.5-1.0 times the lumen. Noise is not clipped, so a few background voxels fall slightly below 0.
-Training is expected to rescale with percentiles, not with fixed numbers.
+Intensity unit: the appearance is drawn in canonical arbitrary units (AU) shaped like a reconstructed,
+non-subtracted 3DRA volume: an opacified lumen at full contrast at about 900-2000 AU, soft tissue at
+``lumen / contrast_ratio``, bone at 0.25-1.3 times the lumen. Each case is then written in drawn units
+(AU, 0..1, 12-bit, HU-like or 16-bit; see :mod:`scripts.data.appearance`), so training must rescale
+each volume by its own statistics, never with fixed numbers.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ class Centre:
         spacing: voxel spacing in mm along (X, Y, Z).
         shape: volume shape in voxels along (X, Y, Z); the field of view is ``shape * spacing``.
         lumen_intensity: AU of a fully opacified lumen.
-        background_intensity: AU of the soft-tissue background.
-        noise_sigma: standard deviation (AU) of the additive, slightly correlated noise.
+        contrast_ratio: lumen-to-soft-tissue intensity ratio (drawn log-uniformly).
+        cnr: contrast-to-noise ratio ``(lumen - tissue) / noise std`` (drawn log-uniformly).
         noise_relative: extra noise standard deviation as a fraction of the local signal (quantum noise).
-        blur_mm: Gaussian point-spread sigma in mm along (X, Y, Z).
+        blur_sigma_mm: Gaussian point-spread sigma in mm (drawn log-uniformly; sometimes stretched along
+            one axis).
         inhomogeneity: relative amplitude of the smooth multiplicative gain field (cupping, heel effect).
         p_bone: probability that a case shows a bright bone-like plate (skull base, clinoid).
         p_streaks: probability that a case shows in-plane streak artifacts.
-        aneurysm_median_mm: median of the log-normal dome-size distribution (largest dimension, mm).
+        aneurysm_median_mm: median of the log-normal dome-size distribution (largest dimension, mm); most
+            unruptured aneurysms are 2-7 mm (ISUIA 2003, UCAS Japan 2012).
         aneurysm_sigma_log: sigma of that log-normal (natural log).
         aneurysm_min_mm: smallest dome size; anything smaller is a vessel bulge, not an aneurysm.
         aneurysm_max_mm: largest dome size (also capped by the field of view).
@@ -48,17 +51,17 @@ class Centre:
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
     lumen_intensity: tuple[float, float]
-    background_intensity: tuple[float, float]
-    noise_sigma: float
+    contrast_ratio: tuple[float, float]
+    cnr: tuple[float, float]
     noise_relative: float
-    blur_mm: tuple[float, float, float]
+    blur_sigma_mm: tuple[float, float]
     inhomogeneity: float
     p_bone: float
     p_streaks: float
     aneurysm_median_mm: float
     aneurysm_sigma_log: float
-    aneurysm_min_mm: float = 3.0
-    aneurysm_max_mm: float = 15.0
+    aneurysm_min_mm: float = 1.5
+    aneurysm_max_mm: float = 25.0
     aneurysm_count_probs: tuple[float, float, float] = (0.15, 0.65, 0.20)
 
     def __post_init__(self) -> None:
@@ -66,16 +69,13 @@ class Centre:
             raise ValueError(f"Centre {self.name!r}: spacing must be 3 positive numbers, got {self.spacing}.")
         if len(self.shape) != 3 or min(self.shape) < 16:
             raise ValueError(f"Centre {self.name!r}: shape must be 3 sizes >= 16, got {self.shape}.")
-        for field in ("lumen_intensity", "background_intensity"):
+        for field in ("lumen_intensity", "contrast_ratio", "cnr", "blur_sigma_mm"):
             low, high = getattr(self, field)
-            if not 0 <= low <= high:
-                raise ValueError(
-                    f"Centre {self.name!r}: {field} must be 0 <= low <= high, got {(low, high)}."
-                )
-        if self.background_intensity[1] >= self.lumen_intensity[0]:
+            if not 0 < low <= high:
+                raise ValueError(f"Centre {self.name!r}: {field} must be 0 < low <= high, got {(low, high)}.")
+        if self.contrast_ratio[0] <= 1.0:
             raise ValueError(
-                f"Centre {self.name!r}: background_intensity {self.background_intensity} must stay below "
-                f"lumen_intensity {self.lumen_intensity}."
+                f"Centre {self.name!r}: contrast_ratio {self.contrast_ratio} must stay above 1 (lumen brighter)."
             )
         for field in ("p_bone", "p_streaks"):
             if not 0.0 <= getattr(self, field) <= 1.0:
@@ -92,10 +92,8 @@ class Centre:
                 f"Centre {self.name!r}: need 0 < aneurysm_min_mm < aneurysm_median_mm < aneurysm_max_mm, got "
                 f"{self.aneurysm_min_mm}, {self.aneurysm_median_mm}, {self.aneurysm_max_mm}."
             )
-        if self.noise_sigma < 0 or self.noise_relative < 0 or min(self.blur_mm) < 0 or self.inhomogeneity < 0:
-            raise ValueError(
-                f"Centre {self.name!r}: noise_sigma, noise_relative, blur_mm and inhomogeneity must be >= 0."
-            )
+        if self.noise_relative < 0 or self.inhomogeneity < 0:
+            raise ValueError(f"Centre {self.name!r}: noise_relative and inhomogeneity must be >= 0.")
 
     @property
     def fov_mm(self) -> tuple[float, float, float]:
@@ -110,19 +108,19 @@ class Centre:
 CENTRES: dict[str, Centre] = {
     "A": Centre(
         name="A",
-        description="default: isotropic 0.4 mm, 41.6 mm field of view, high contrast, low noise",
+        description="default: isotropic 0.4 mm, 41.6 mm field of view, broad contrast, noise and artefact mix",
         spacing=(0.4, 0.4, 0.4),
         shape=(104, 104, 104),
         lumen_intensity=(1300.0, 1900.0),
-        background_intensity=(60.0, 160.0),
-        noise_sigma=25.0,
+        contrast_ratio=(3.0, 30.0),
+        cnr=(5.0, 80.0),
         noise_relative=0.02,
-        blur_mm=(0.25, 0.25, 0.25),
+        blur_sigma_mm=(0.1, 0.5),
         inhomogeneity=0.08,
         p_bone=0.25,
         p_streaks=0.25,
-        aneurysm_median_mm=5.5,
-        aneurysm_sigma_log=0.40,
+        aneurysm_median_mm=4.7,
+        aneurysm_sigma_log=0.55,
     ),
     "B": Centre(
         name="B",
@@ -130,15 +128,15 @@ CENTRES: dict[str, Centre] = {
         spacing=(0.3, 0.3, 0.5),
         shape=(180, 180, 100),
         lumen_intensity=(900.0, 1400.0),
-        background_intensity=(120.0, 240.0),
-        noise_sigma=60.0,
+        contrast_ratio=(2.5, 10.0),
+        cnr=(3.0, 15.0),
         noise_relative=0.04,
-        blur_mm=(0.2, 0.2, 0.35),
+        blur_sigma_mm=(0.1, 0.35),
         inhomogeneity=0.15,
         p_bone=0.3,
         p_streaks=0.4,
         aneurysm_median_mm=5.0,
-        aneurysm_sigma_log=0.40,
+        aneurysm_sigma_log=0.55,
     ),
     "C": Centre(
         name="C",
@@ -146,15 +144,15 @@ CENTRES: dict[str, Centre] = {
         spacing=(0.5, 0.5, 0.5),
         shape=(112, 112, 112),
         lumen_intensity=(1200.0, 2000.0),
-        background_intensity=(40.0, 140.0),
-        noise_sigma=35.0,
+        contrast_ratio=(4.0, 25.0),
+        cnr=(8.0, 50.0),
         noise_relative=0.03,
-        blur_mm=(0.5, 0.5, 0.5),
+        blur_sigma_mm=(0.4, 0.7),
         inhomogeneity=0.1,
         p_bone=0.7,
         p_streaks=0.7,
         aneurysm_median_mm=8.0,
-        aneurysm_sigma_log=0.35,
+        aneurysm_sigma_log=0.5,
     ),
 }
 

@@ -1,17 +1,24 @@
 """Saccular aneurysms on a vessel tree, and the look-alikes that are NOT aneurysms (hard negatives).
 
-Aneurysms (label 2) sit at bifurcation apices or on the outer curve of a vessel wall. The dome is an
-elongated, bumpy ellipsoid, sometimes with extra lobes and daughter sacs; the neck is where the dome cuts
-the parent wall, narrower than the dome by construction (``neck < width``). Dome size (its largest
+Aneurysms (label 2) sit where real ones do (ISUIA 2003, UCAS Japan 2012): at the apex of the MCA
+bifurcation, the basilar tip, the ACom/A1-A2 junction and the ICA terminus, and on the outer curve of a
+bend (ICA side wall, e.g. on the siphon, or another artery); ``location`` names the site. The dome is an
+elongated, bumpy ellipsoid, sometimes with extra lobes and daughter sacs. Dome size (its largest
 dimension, the clinical "aneurysm size") is log-normal, truncated to ``[aneurysm_min_mm,
-aneurysm_max_mm]`` and to the field of view.
+aneurysm_max_mm]`` and to the field of view; bigger domes need wider parents. The neck is drawn from the
+dome-to-neck ratio ``size / neck`` (0.8-3, Parlea et al. 1999), so some necks are wider than the dome:
+where the dome's own cut through the wall is narrower than the neck, a collar along the parent wall
+("neck ridge", a tube of radius below the parent's lying on its wall) widens the neck to its full size.
 
 Hard negatives are drawn into the vessel (label 1) and recorded so that tests can check their label:
 
 * ``infundibulum``: a conical widening (< 3 mm at its base) at the origin of a small branch;
 * ``fusiform_bulge``: a smooth calibre increase of 15-30 % over a few mm;
 * ``wall_bump``: a small saccular bulge (1.2-2.6 mm), below aneurysm size;
-* ``overlapping_loop``: a helical loop so tight that its turns merge into one bright blob.
+* ``overlapping_loop``: a helical loop so tight that its turns merge into one bright blob;
+* wide, curved and branching normal anatomy recorded by the templates (:class:`Landmark`):
+  ``siphon_bend`` (the ICA genu whose limbs pass close to each other), ``tortuous_basilar``,
+  ``vertebrobasilar_junction`` and ``ica_terminus`` (only where no aneurysm sits there).
 """
 
 from __future__ import annotations
@@ -25,9 +32,29 @@ import numpy as np
 from .raster import DistanceField
 from .vessel_tree import Tube, VesselTree, _perpendicular, _unit
 
-__all__ = ["Aneurysm", "HardNegative", "place_aneurysms", "place_hard_negatives", "sample_aneurysm_size"]
+__all__ = [
+    "LOCATIONS",
+    "Aneurysm",
+    "HardNegative",
+    "place_aneurysms",
+    "place_hard_negatives",
+    "sample_aneurysm_size",
+]
 
 logger = logging.getLogger(__name__)
+
+# relative frequency of each site when the tree offers it (ISUIA / UCAS: MCA ~36 %, ICA ~34 %, ACom ~16 %,
+# basilar tip ~7 % of all aneurysms; the basilar tip dominates in posterior-circulation cases)
+LOCATIONS = {
+    "mca_bifurcation": 3.0,
+    "ica_sidewall": 3.0,
+    "acom": 2.5,
+    "basilar_tip": 3.0,
+    "ica_terminus": 1.0,
+    "other_bifurcation": 1.0,
+    "other_sidewall": 0.7,
+}
+_NAMED_SITES = ("mca_bifurcation", "basilar_tip", "acom", "ica_terminus")
 
 
 def _direction_in_cone(rng: np.random.Generator, axis: np.ndarray, min_cos: float) -> np.ndarray:
@@ -45,14 +72,18 @@ class Aneurysm:
     Attributes:
         kind: ``"bifurcation"`` or ``"sidewall"``.
         tube: parent tube index; ``index`` the centreline point at the neck.
+        location: anatomical site, one of :data:`LOCATIONS`.
         base: (3,) centreline point at the neck; ``direction`` (3,) unit vector from base to dome.
         dome_centre: (3,) centre of the main dome.
         size_mm: largest dome dimension (the reported aneurysm size).
-        width_mm: dome width across ``direction``; ``neck_mm`` neck diameter (< width).
+        width_mm: dome width across ``direction``; ``neck_mm`` neck width (largest dimension of the neck).
         elongation: dome height / width ratio factor (>= 1).
         bumps: surface harmonics ``(amp, freq, w, phase)`` of the main dome.
         lobes: ``(centre, radius)`` extra lobes; ``daughters``: ``(centre, radius)`` daughter sacs.
         value: relative opacification; ``gradient`` (3,) its change per mm (contrast layering).
+        parent_radius: lumen radius (mm) of the parent at the neck.
+        ridge: (K, 3) axis of the neck collar along the parent wall (``None`` when the dome's own cut is the
+            whole neck); ``ridge_radius`` its radius in mm.
     """
 
     kind: str
@@ -70,6 +101,15 @@ class Aneurysm:
     daughters: list = field(default_factory=list)
     value: float = 1.0
     gradient: np.ndarray | None = None
+    location: str = "other_sidewall"
+    parent_radius: float = 1.0
+    ridge: np.ndarray | None = None
+    ridge_radius: float = 0.0
+
+    @property
+    def dome_neck_ratio(self) -> float:
+        """Dome size over neck width (< 2 is a wide neck; < 1 a dome no wider than its neck)."""
+        return self.size_mm / self.neck_mm
 
     @property
     def reach(self) -> float:
@@ -79,6 +119,9 @@ class Aneurysm:
         reach = radius * self.elongation * (1.0 + bump)
         for centre, r in [*self.lobes, *self.daughters]:
             reach = max(reach, float(np.linalg.norm(centre - self.dome_centre)) + r)
+        if self.ridge is not None:
+            far = np.linalg.norm(self.ridge - self.dome_centre, axis=1).max()
+            reach = max(reach, float(far) + self.ridge_radius)
         return reach
 
     def clearance(self, points: np.ndarray, bumps: bool = True) -> np.ndarray:
@@ -95,6 +138,12 @@ class Aneurysm:
         out = dist - radius * (1.0 + bump) * scale
         for centre, r in [*self.lobes, *self.daughters]:
             out = np.minimum(out, np.linalg.norm(points - centre, axis=1) - r)
+        if self.ridge is not None:
+            for a, b in zip(self.ridge[:-1], self.ridge[1:], strict=True):
+                ab = b - a
+                t = np.clip((points - a) @ ab / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+                near = a + t[:, None] * ab
+                out = np.minimum(out, np.linalg.norm(points - near, axis=1) - self.ridge_radius)
         return out
 
     def draw(self, field: DistanceField) -> None:
@@ -111,14 +160,19 @@ class Aneurysm:
         )
         for centre, r in [*self.lobes, *self.daughters]:
             field.add_dome(centre, r, value=self.value)
+        if self.ridge is not None:
+            field.add_tube(self.ridge, np.full(len(self.ridge), self.ridge_radius), value=self.value)
 
     def to_info(self, spacing: np.ndarray) -> dict:
         """JSON-serialisable summary; voxel indices are (X, Y, Z)."""
         return {
             "kind": self.kind,
+            "location": self.location,
             "size_mm": round(self.size_mm, 3),
             "width_mm": round(self.width_mm, 3),
             "neck_mm": round(self.neck_mm, 3),
+            "dome_neck_ratio": round(self.dome_neck_ratio, 3),
+            "parent_diameter_mm": round(2 * self.parent_radius, 3),
             "elongation": round(self.elongation, 3),
             "lobes": len(self.lobes),
             "daughter_sacs": len(self.daughters),
@@ -183,42 +237,65 @@ class _Placer:
         self.negatives: list[HardNegative] = []
 
     # ----------------------------------------------------------------------------------------- aneurysms
-    def sites(self, size: float) -> list[tuple[str, int, int]]:
-        """Candidate ``(kind, tube, index)`` sites for a ``size`` mm dome.
+    def sites(self, size: float) -> dict[str, list[tuple[str, int, int]]]:
+        """Candidate ``(kind, tube, index)`` sites for a ``size`` mm dome, grouped by location.
 
-        Bigger domes need bigger parents (radius >= 0.9 mm + 0.06 per mm of dome above 3 mm); dim passing
-        vessels (another territory, poorly opacified) are skipped.
+        Bigger domes need wider parents (radius >= 0.6 mm + 0.06 per mm of dome above 3 mm); apex sites need
+        room between the branches; ICA side-wall sites are on bends (the outer curve) or at the PComm
+        origin; dim passing vessels (another territory, poorly opacified) are skipped.
         """
-        tree, out = self.tree, []
-        need = 0.9 + 0.06 * max(size - 3.0, 0.0)
+        tree, out = self.tree, {name: [] for name in LOCATIONS}
+        need = 0.6 + 0.06 * max(size - 3.0, 0.0)
         for bif in tree.bifurcations:
             t1, t2 = (tree.tubes[c].tangents[min(2, len(tree.tubes[c].points) - 1)] for c in bif.children)
-            wide = t1 @ t2 < np.cos(np.deg2rad(90.0))  # apex aneurysms need room between the branches
+            named = bif.name in _NAMED_SITES
+            wide = t1 @ t2 < np.cos(np.deg2rad(60.0 if named else 90.0))
             if wide and bif.radius >= need and tree.inside(bif.point, margin=2.0):
-                out.append(("bifurcation", bif.tube, len(tree.tubes[bif.tube].points) - 1))
+                location = bif.name if named else "other_bifurcation"
+                out[location].append(("bifurcation", bif.tube, len(tree.tubes[bif.tube].points) - 1))
         for t, tube in enumerate(tree.tubes):
             if tube.kind == "passing" and tube.value < 0.85:
                 continue
             s = tube.arclength
+            tangents = tube.tangents
+            origins = [c.parent_index for c in tree.tubes if c.parent == t and c.name == "pcomm"]
             for j in range(0, len(tube.points), 3):
-                if (
+                if not (
                     tube.radii[j] >= need
                     and 3.0 < s[j] < s[-1] - 3.0
                     and tree.inside(tube.points[j], margin=2.0)
                 ):
-                    out.append(("sidewall", t, j))
-        return out
+                    continue
+                if tube.name == "ica":
+                    lo, hi = max(j - 3, 0), min(j + 3, len(tube.points) - 1)
+                    bend = np.linalg.norm(tangents[hi] - tangents[lo])
+                    if bend > 0.3 or any(abs(j - o) <= 3 for o in origins):
+                        out["ica_sidewall"].append(("sidewall", t, j))
+                else:
+                    out["other_sidewall"].append(("sidewall", t, j))
+        return {name: pool for name, pool in out.items() if pool}
 
-    def make_aneurysm(self, kind: str, t: int, j: int, size: float) -> Aneurysm:
+    def _neck(self, size: float) -> float:
+        """Neck width (mm) from a dome-to-neck ratio: log-normal, median 1.6, within ``[0.8, 3]``, neck <= 8 mm."""
+        low = max(0.8, size / 8.0)
+        for _ in range(100):
+            ratio = 1.6 * np.exp(0.35 * self.rng.standard_normal())
+            if low <= ratio <= 3.0:
+                return size / ratio
+        return size / max(low, 1.6)
+
+    def make_aneurysm(self, kind: str, location: str, t: int, j: int, size: float) -> Aneurysm:
         rng, tube = self.rng, self.tree.tubes[t]
         base = tube.points[j]
         r_vessel = float(tube.radii[j])
         if kind == "bifurcation":
             bif = next(b for b in self.tree.bifurcations if b.tube == t)
             # at the apex: between the two branches, in line with the parent's flow jet
-            apex = _unit(sum(self.tree.tubes[c].tangents[2] for c in bif.children))
-            direction = _unit(apex + 0.3 * bif.direction + 0.15 * rng.standard_normal(3))
-            wall = r_vessel
+            t1, t2 = (self.tree.tubes[c].tangents[2] for c in bif.children)
+            apex = _unit(t1 + t2)
+            direction = _unit(apex + 0.1 * bif.direction + 0.05 * rng.standard_normal(3))
+            along = _unit(t1 - t2)  # the neck spreads onto both branches
+            spread = 0.5 * np.arccos(np.clip(t1 @ t2, -1.0, 1.0))  # angle of each branch from the apex
         else:
             tangent = tube.tangents[j]
             lo, hi = max(j - 3, 0), min(j + 3, len(tube.points) - 1)
@@ -229,15 +306,31 @@ class _Placer:
             else:
                 direction = _perpendicular(rng, tangent)
             direction = _unit(direction - (direction @ tangent) * tangent)
-            wall = r_vessel
+            along = tangent
+        wall = r_vessel
         elongation = rng.uniform(1.0, 1.45)
         radius = 0.5 * size / elongation
-        neck = min(rng.uniform(0.45, 0.85) * radius, 1.5 * r_vessel + 0.4)
-        # keep the sac out of the far wall: it reaches elongation * (radius - h) into the parent
-        while elongation * (radius - np.sqrt(radius**2 - neck**2)) > 0.8 * r_vessel and neck > 0.3 * radius:
-            neck *= 0.9
-        h = np.sqrt(radius**2 - neck**2)
+        neck_mm = self._neck(size)
+        # the dome's own cut through the wall; it must not reach through the far wall of the parent
+        half = min(0.5 * neck_mm, 0.85 * radius, 1.5 * r_vessel + 0.4)
+        ridge_half = 0.5 * neck_mm
+        if kind == "bifurcation":
+            # lift the dome off the carina until the branches clear it, and keep the collar off their axes
+            across = radius * (1.0 + 0.6 * (elongation - 1.0)) + 0.3  # the dome's half-width towards a branch
+            lift = (across / max(np.sin(spread), 0.2) - wall) / elongation
+            half = min(half, np.sqrt(max(radius**2 - min(lift, 0.98 * radius) ** 2, 0.0)))
+            ridge_half = min(ridge_half, max(0.45 * wall - 0.15, 0.0) * np.tan(min(spread, 1.4)) + 0.5 * wall)
+        while elongation * (radius - np.sqrt(radius**2 - half**2)) > 0.8 * r_vessel and half > 0.3 * radius:
+            half *= 0.9
+        h = np.sqrt(radius**2 - half**2)
         centre = base + direction * (wall + elongation * h)
+        ridge, ridge_radius = None, 0.0
+        if ridge_half > half + 0.05:
+            ridge_radius = min((0.5 if kind == "bifurcation" else 0.7) * r_vessel, radius, ridge_half)
+            ridge = self._ridge(kind, t, j, direction, along, ridge_half - ridge_radius)
+            neck_mm = 2 * ridge_half
+        else:
+            neck_mm = 2 * half
         bumps = [
             (
                 rng.uniform(0.03, 0.07),
@@ -250,14 +343,14 @@ class _Placer:
         lobes, daughters = [], []
         for _ in range(int(rng.choice([0, 1, 2], p=[0.35, 0.4, 0.25]))):
             u = _direction_in_cone(rng, direction, 0.3)
-            along = u @ direction
-            r_dir = radius / np.sqrt(max(1.0 - along**2 * (1.0 - 1.0 / elongation**2), 1e-6))
+            cos = u @ direction
+            r_dir = radius / np.sqrt(max(1.0 - cos**2 * (1.0 - 1.0 / elongation**2), 1e-6))
             r_lobe = rng.uniform(0.4, 0.6) * radius
             lobes.append((centre + u * (r_dir - r_lobe * rng.uniform(0.3, 0.7)), r_lobe))
         if rng.random() < 0.35:
             u = _direction_in_cone(rng, direction, 0.2)
-            along = u @ direction
-            r_dir = radius / np.sqrt(max(1.0 - along**2 * (1.0 - 1.0 / elongation**2), 1e-6))
+            cos = u @ direction
+            r_dir = radius / np.sqrt(max(1.0 - cos**2 * (1.0 - 1.0 / elongation**2), 1e-6))
             r_bleb = max(0.5, rng.uniform(0.18, 0.32) * radius)
             daughters.append((centre + u * (r_dir + 0.2 * r_bleb), r_bleb))
         gradient = _unit(rng.standard_normal(3)) * rng.uniform(0.0, 0.2) / (radius * elongation)
@@ -270,14 +363,37 @@ class _Placer:
             dome_centre=centre,
             size_mm=float(size),
             width_mm=float(2 * radius),
-            neck_mm=float(2 * neck),
+            neck_mm=float(neck_mm),
             elongation=float(elongation),
             bumps=bumps,
             lobes=lobes,
             daughters=daughters,
             value=float(tube.value * rng.uniform(0.88, 1.03)),
             gradient=gradient,
+            location=location,
+            parent_radius=r_vessel,
+            ridge=ridge,
+            ridge_radius=float(ridge_radius),
         )
+
+    def _ridge(
+        self, kind: str, t: int, j: int, direction: np.ndarray, along: np.ndarray, half: float
+    ) -> np.ndarray:
+        """(K, 3) axis of a neck collar of half-length ``half`` mm lying on the parent wall at the neck.
+
+        On a side wall it follows the parent's centreline, offset onto the wall on the dome's side; at an
+        apex it is a straight segment across the carina, along ``along``.
+        """
+        tube = self.tree.tubes[t]
+        wall_point = tube.points[j] + direction * tube.radii[j]
+        if kind == "bifurcation" or half < 0.6:
+            return np.stack([wall_point - along * half, wall_point + along * half])
+        s = tube.arclength
+        keep = np.flatnonzero(np.abs(s - s[j]) <= half)
+        tangents = tube.tangents[keep]
+        normal = direction[None, :] - (tangents @ direction)[:, None] * tangents
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+        return tube.points[keep] + normal * tube.radii[keep, None]
 
     def fits(self, an: Aneurysm) -> bool:
         tree, reach = self.tree, an.reach
@@ -297,6 +413,10 @@ class _Placer:
         geodesic = tree.geodesic(an.tube, an.index)
         local = an.size_mm + 3.0
         r_base = float(tree.tubes[an.tube].radii[an.index])
+        # an apex sac may take in the origins of its own branches, as real ones do, but not their axes
+        own = {an.tube}
+        if an.kind == "bifurcation":
+            own.update(next(b.children for b in tree.bifurcations if b.tube == an.tube))
         for t, (pts, rad, geo) in enumerate(zip(self.points, self.radii, geodesic, strict=True)):
             if not np.any(np.linalg.norm(pts - an.dome_centre, axis=1) - rad < reach + 0.5):
                 continue
@@ -305,18 +425,27 @@ class _Placer:
             if np.any(outside[far] - rad[far] < 0.2):
                 return False
             near = ~far & (geo > r_base)
-            if t != an.tube and np.any(outside[near] < 0.25 * rad[near]):
+            if t not in own and np.any(outside[near] < 0.25 * rad[near]):
                 return False
             if np.any(outside[~far] < 0.1):
                 return False
         return True
 
-    def _pick(self, pool: list[tuple[str, int, int]]) -> tuple[str, int, int]:
-        """A site, favouring the middle of the field of view (3DRA is centred on the lesion)."""
+    def _pick(self, sites: dict[str, list[tuple[str, int, int]]]) -> tuple[str, str, int, int]:
+        """A site: its location by :data:`LOCATIONS` weight, then a point favouring the middle of the view.
+
+        Returns:
+            ``(kind, location, tube, index)``.
+        """
+        names = sorted(sites)
+        weight = np.array([LOCATIONS[n] for n in names])
+        location = names[int(self.rng.choice(len(names), p=weight / weight.sum()))]
+        pool = sites[location]
         points = np.array([self.tree.tubes[t].points[j] for _, t, j in pool])
         spread = 0.3 * float(self.tree.extent.min())
-        weight = np.exp(-0.5 * np.sum((points - self.tree.extent / 2) ** 2, axis=1) / spread**2)
-        return pool[int(self.rng.choice(len(pool), p=weight / weight.sum()))]
+        weight = np.exp(-0.5 * np.sum((points - self.tree.extent / 2) ** 2, axis=1) / spread**2) + 1e-3
+        kind, t, j = pool[int(self.rng.choice(len(pool), p=weight / weight.sum()))]
+        return kind, location, t, j
 
     def _recentre(self, an: Aneurysm) -> np.ndarray | None:
         """Shift (mm) that brings ``an``'s sac into the field of view, ``None`` if it cannot fit.
@@ -340,13 +469,10 @@ class _Placer:
                     if attempt:
                         size = max(min_size, 0.85 * size)
                     sites = self.sites(size)
-                    bif_sites = [s for s in sites if s[0] == "bifurcation"]
-                    wall_sites = [s for s in sites if s[0] == "sidewall"]
                 if not sites:
                     continue
-                pool = bif_sites if bif_sites and self.rng.random() < 0.6 else (wall_sites or bif_sites)
-                kind, t, j = self._pick(pool)
-                an = self.make_aneurysm(kind, t, j, size)
+                kind, location, t, j = self._pick(sites)
+                an = self.make_aneurysm(kind, location, t, j, size)
                 shift = self._recentre(an) if not self.aneurysms else None
                 if shift is not None and np.any(shift != 0):
                     self.tree.translate(shift)
@@ -372,6 +498,7 @@ class _Placer:
             dome_centre=an.dome_centre + shift,
             lobes=[(c + shift, r) for c, r in an.lobes],
             daughters=[(c + shift, r) for c, r in an.daughters],
+            ridge=None if an.ridge is None else an.ridge + shift,
         )
 
     # ------------------------------------------------------------------------------------ hard negatives
@@ -434,7 +561,7 @@ class _Placer:
 
     def add_fusiform_bulge(self) -> bool:
         rng = self.rng
-        options = self._wall_points(0.7, 1.1)
+        options = self._wall_points(0.7, 2.0)
         for _ in range(20):
             if not options:
                 return False
@@ -461,7 +588,7 @@ class _Placer:
                 return False
             t, j = options[int(rng.integers(len(options)))]
             tube = self.tree.tubes[t]
-            r_bump = rng.uniform(0.6, 1.3)
+            r_bump = rng.uniform(0.45, 0.72)  # below the smallest aneurysm (1.5 mm)
             normal = _perpendicular(rng, tube.tangents[j])
             centre = tube.points[j] + normal * (tube.radii[j] + 0.1 * r_bump)
             if self.clear_of_aneurysms(centre, r_bump) and self.clear_of_negatives(centre, r_bump):
@@ -472,6 +599,17 @@ class _Placer:
                 self.negatives.append(HardNegative("wall_bump", centre, float(r_bump), float(2 * r_bump)))
                 return True
         return False
+
+    def add_landmarks(self) -> None:
+        """Record the templates' wide, curved and branching anatomy (siphon, junctions) away from aneurysms."""
+        for mark in self.tree.landmarks:
+            clear = all(
+                np.linalg.norm(a.dome_centre - mark.point) > a.reach + mark.radius + 0.5
+                and np.linalg.norm(a.base - mark.point) > 0.5 * a.neck_mm + mark.radius + 0.5
+                for a in self.aneurysms
+            )
+            if clear and self.tree.inside(mark.point, margin=1.0):
+                self.negatives.append(HardNegative(mark.name, mark.point.copy(), mark.radius, mark.size_mm))
 
     def add_overlapping_loops(self) -> None:
         for loop in self.tree.loops:
@@ -529,7 +667,8 @@ def place_hard_negatives(
     """Add look-alikes to ``tree`` (in place: new tubes, wider radii) away from ``aneurysms``.
 
     Every case gets at least one when the tree has room: 1-2 infundibula, 0-2 fusiform bulges,
-    0-2 wall bumps, and every overlapping loop the tree grew.
+    0-2 wall bumps, every overlapping loop the tree grew and every template landmark (siphon bend,
+    tortuous basilar, vertebrobasilar junction, ICA terminus) clear of the aneurysms.
 
     Returns:
         the hard negatives, each drawn as vessel.
@@ -545,4 +684,5 @@ def place_hard_negatives(
         placer.add_wall_bump()
     if not placer.negatives:
         placer.add_wall_bump() or placer.add_infundibulum()
+    placer.add_landmarks()
     return placer.negatives

@@ -34,13 +34,14 @@ __all__ = [
     "PhantomGeometry",
     "generate_case",
     "generate_geometry",
+    "local_diameter",
     "phantom_affine",
     "render_labels",
 ]
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "2.0.0"
 LABELS = {"0": "background", "1": "vessel", "2": "aneurysm"}
 
 
@@ -76,6 +77,7 @@ class PhantomGeometry:
             "seed": int(self.seed),
             "centre": self.centre.name,
             "generator_version": GENERATOR_VERSION,
+            "template": self.tree.template,
             "shape": list(self.centre.shape),
             "spacing": [float(s) for s in self.centre.spacing],
             "num_aneurysms": len(self.aneurysms),
@@ -84,6 +86,7 @@ class PhantomGeometry:
             "hard_negatives": [n.to_info(spacing) for n in self.hard_negatives],
             "vessel_length_mm": round(self.tree.length_inside(), 1),
             "tubes": kinds,
+            "segments": sorted({t.name for t in self.tree.tubes if t.name}),
             "bifurcations": len(self.tree.bifurcations),
             "loops": len(self.tree.loops),
             "crossings": [round(c.gap_mm, 3) for c in self.tree.crossings],
@@ -173,6 +176,25 @@ def render_labels(geometry: PhantomGeometry) -> tuple[np.ndarray, DistanceField,
         label[sac] = 2
         _drop_orphans(label)
     return label, vessels, sacs
+
+
+def local_diameter(geometry: PhantomGeometry) -> np.ndarray:
+    """Local lumen diameter (mm) of every vessel voxel: twice the radius of the tube that owns the voxel.
+
+    A voxel belongs to the tube whose surface is nearest (deepest inside); the tube's radius there is that
+    of the capsule (centreline step) that owns it. Aneurysm sacs are not vessel and get 0.
+
+    Returns:
+        (X, Y, Z) float32, 0 outside the vessel label.
+    """
+    style = geometry.centre
+    field = DistanceField(style.shape, style.spacing, margin=float(max(style.spacing)))
+    for tube in geometry.tree.tubes:
+        for a, b, ra, rb in zip(
+            tube.points[:-1], tube.points[1:], tube.radii[:-1], tube.radii[1:], strict=True
+        ):
+            field.add_capsule(a, b, ra, rb, value=float(ra + rb))
+    return np.where(field.distance <= 0, field.value, np.float32(0.0)).astype(np.float32)
 
 
 def _drop_orphans(label: np.ndarray) -> None:

@@ -1,0 +1,200 @@
+"""Anatomy of the synthetic phantoms against published cerebral-artery morphometry (docs/phantoms.md).
+
+Geometry only (``generate_geometry``, no voxels) except where labels are the point; fixed seeds, so each
+check is deterministic.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from scripts.data import LOCATIONS, TEMPLATES, generate_geometry, get_centre, local_diameter, render_labels
+
+N_CASES = 50
+
+
+@pytest.fixture(scope="module")
+def geometries():
+    """Geometry of 50 default-centre cases."""
+    return [generate_geometry(seed) for seed in range(N_CASES)]
+
+
+def calibre_stats(trees) -> tuple[float, float]:
+    """Volume-weighted share of vessel lumen at a local diameter > 3 mm, and the weighted median (mm)."""
+    pairs = [tree.calibre() for tree in trees]
+    diameters = np.concatenate([d for d, _ in pairs])
+    volumes = np.concatenate([v for _, v in pairs])
+    order = np.argsort(diameters)
+    cumulative = np.cumsum(volumes[order]) / volumes.sum()
+    median = float(diameters[order][np.searchsorted(cumulative, 0.5)])
+    return float(volumes[diameters > 3.0].sum() / volumes.sum()), median
+
+
+def _segment_diameters(geometries, name: str) -> np.ndarray:
+    """Diameter (mm) at the origin of every tube called ``name``."""
+    return np.array([2 * t.radii[0] for g in geometries for t in g.tree.tubes if t.name == name])
+
+
+# ------------------------------------------------------------------------------------------- calibre
+def test_calibre_distribution_matches_real_3dra(geometries):
+    share, median = calibre_stats([g.tree for g in geometries])
+    assert 0.35 <= share <= 0.45, f"share of vessel volume wider than 3 mm: {share:.3f}"
+    assert 2.6 <= median <= 3.2, f"median local diameter {median:.2f} mm"
+    largest = np.median([g.tree.calibre()[0].max() for g in geometries])
+    assert 4.0 <= largest <= 5.4, f"median largest diameter per case {largest:.2f} mm"
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("ica", 3.5, 5.0),
+        ("basilar", 3.0, 4.0),
+        ("vertebral", 2.5, 4.0),
+        ("m1", 2.3, 3.2),
+        ("a1", 1.5, 2.5),
+        ("p1", 1.5, 2.5),
+        ("m2", 1.0, 2.8),
+    ],
+)
+def test_named_segments_have_published_diameters(geometries, name, low, high):
+    """Origin diameters within the published range, give or take the +-4 % calibre wobble (3 sigma)."""
+    diameters = _segment_diameters(geometries, name)
+    low, high = 0.9 * low, 1.1 * high
+    assert diameters.size >= 3, f"too few {name} segments: {diameters.size}"
+    assert low <= diameters.min() and diameters.max() <= high, (
+        f"{name}: {diameters.min():.2f}-{diameters.max():.2f}"
+    )
+
+
+def test_voxel_local_diameter_agrees_with_the_tubes(geometries):
+    """The voxel map (radius of the owning tube) gives the same distribution as the centreline estimate."""
+    for g in geometries[:3]:
+        diameter = local_diameter(g)
+        vessel = diameter[diameter > 0]
+        share, median = calibre_stats([g.tree])
+        assert abs(np.mean(vessel > 3.0) - share) < 0.06
+        assert abs(np.median(vessel) - median) < 0.3
+
+
+# ----------------------------------------------------------------------------------------- templates
+def test_every_template_occurs_with_its_anatomy(geometries):
+    by_template = collections.defaultdict(list)
+    for g in geometries:
+        by_template[g.tree.template].append(g)
+    assert set(by_template) == set(TEMPLATES)
+    assert len(by_template["anterior"]) >= N_CASES // 4
+    expected = {
+        "anterior": (
+            {"ica", "m1", "a1", "m2", "a2", "acom", "ophthalmic", "acha"},
+            {"ica_terminus", "mca_bifurcation", "acom"},
+        ),
+        "posterior": ({"basilar", "vertebral", "p1", "sca"}, {"basilar_tip"}),
+        "mca": ({"m1", "m2", "lenticulostriate"}, {"mca_bifurcation"}),
+    }
+    for template, (segments, sites) in expected.items():
+        for g in by_template[template]:
+            assert segments <= {t.name for t in g.tree.tubes}, f"{template}: {g.info()['segments']}"
+            assert sites <= {b.name for b in g.tree.bifurcations}
+
+
+def test_siphon_and_bifurcations_follow_murray(geometries):
+    """The siphon turns through more than 180 degrees; named bifurcations keep r0^3 = r1^3 + r2^3."""
+    for g in geometries:
+        tree = g.tree
+        for tube in tree.tubes:
+            if tube.name == "ica":
+                tangents = tube.tangents
+                turn = np.sum(np.arccos(np.clip(np.sum(tangents[1:] * tangents[:-1], axis=1), -1, 1)))
+                assert np.rad2deg(turn) > 180.0
+        for bif in tree.bifurcations:
+            if bif.name in ("ica_terminus", "basilar_tip", "acom"):
+                r1, r2 = (tree.tubes[c].radii[0] for c in bif.children)
+                assert (r1**3 + r2**3) ** (1 / 3) == pytest.approx(bif.radius, rel=0.2)
+
+
+def test_some_cases_leave_the_field_of_view_largely_empty(geometries):
+    empty = np.array([g.tree.empty_fraction(clearance_mm=8.0) for g in geometries])
+    assert np.mean(empty > 0.55) >= 0.3, "a good share of cases shows one territory with background around"
+    assert np.mean(empty < 0.55) >= 0.2, "and some fill the field of view"
+
+
+# ----------------------------------------------------------------------------------------- aneurysms
+def test_aneurysm_size_neck_and_dome_neck_distributions(geometries):
+    aneurysms = [a for g in geometries for a in g.aneurysms]
+    sizes = np.array([a.size_mm for a in aneurysms])
+    necks = np.array([a.neck_mm for a in aneurysms])
+    ratios = np.array([a.dome_neck_ratio for a in aneurysms])
+    assert sizes.min() >= 1.5 and sizes.max() > 10.0
+    assert 3.8 <= np.median(sizes) <= 6.0, f"median size {np.median(sizes):.2f}"
+    assert np.mean((sizes >= 2.0) & (sizes <= 7.0)) >= 0.55, "most aneurysms are 2-7 mm"
+    assert necks.max() <= 8.0 and np.mean(necks >= 2.0) >= 0.5 and necks.max() >= 5.0
+    # an apex neck cannot spread past the branch axes, so a few apex domes end above 3
+    assert ratios.min() >= 0.75 and ratios.max() <= 4.0
+    assert np.mean((ratios >= 0.8) & (ratios <= 3.0)) >= 0.9
+    assert np.mean(ratios < 2.0) >= 0.3, "wide necks (dome/neck < 2) are common"
+    assert np.any([a.neck_mm >= a.width_mm for a in aneurysms]), "some domes no wider than their neck"
+    assert np.any([a.ridge is not None for a in aneurysms]), "neck collars drawn"
+
+
+def test_aneurysm_locations(geometries):
+    aneurysms = [a for g in geometries for a in g.aneurysms]
+    counts = collections.Counter(a.location for a in aneurysms)
+    assert set(counts) <= set(LOCATIONS)
+    for site in ("mca_bifurcation", "basilar_tip", "acom", "ica_terminus", "ica_sidewall", "other_sidewall"):
+        assert counts[site] >= 1, f"no {site} aneurysm: {dict(counts)}"
+    named = sum(counts[s] for s in ("mca_bifurcation", "basilar_tip", "acom", "ica_terminus", "ica_sidewall"))
+    assert named >= 0.5 * len(aneurysms), f"most aneurysms at the classic sites: {dict(counts)}"
+    for g in geometries:
+        for a in g.aneurysms:
+            parent = g.tree.tubes[a.tube]
+            assert a.parent_radius == pytest.approx(parent.radii[a.index])
+            assert a.location.startswith("ica") == (parent.name == "ica") or a.location == "other_sidewall"
+            assert a.parent_radius >= 0.6 + 0.06 * max(a.size_mm - 3.0, 0.0) - 1e-9, "parent too thin"
+
+
+def test_centre_c_has_larger_aneurysms():
+    sizes = {n: [a.size_mm for s in range(30) for a in generate_geometry(s, n).aneurysms] for n in "AC"}
+    assert np.median(sizes["C"]) > np.median(sizes["A"]) + 1.0
+    assert get_centre("A").aneurysm_min_mm == 1.5 and get_centre("A").aneurysm_max_mm == 25.0
+
+
+def test_every_aneurysm_touches_its_vessel(geometries):
+    """Rendered labels of cases with aneurysms, wide-necked ones included: no floating sac, none lost."""
+    chosen = [g for g in geometries if g.aneurysms][:8]
+    assert any(a.ridge is not None for g in chosen for a in g.aneurysms)
+    for g in chosen:
+        label, _, _ = render_labels(g)
+        components, count = ndimage.label(label == 2, structure=np.ones((3, 3, 3)))
+        near_vessel = ndimage.binary_dilation(label == 1, structure=np.ones((3, 3, 3)))
+        assert count >= 1
+        for index in range(1, count + 1):
+            assert near_vessel[components == index].any(), f"seed {g.seed}: a sac floats"
+
+
+# ------------------------------------------------------------------------------------ hard negatives
+def test_anatomical_hard_negatives(geometries):
+    kinds = collections.Counter(n.kind for g in geometries for n in g.hard_negatives)
+    for kind in (
+        "siphon_bend",
+        "ica_terminus",
+        "vertebrobasilar_junction",
+        "tortuous_basilar",
+        "fusiform_bulge",
+    ):
+        assert kinds[kind] >= 1, f"no {kind}: {dict(kinds)}"
+    for g in geometries:
+        at_terminus = any(a.location == "ica_terminus" for a in g.aneurysms)
+        assert not (at_terminus and any(n.kind == "ica_terminus" for n in g.hard_negatives))
+        for n in g.hard_negatives:
+            for a in g.aneurysms:
+                assert np.linalg.norm(a.dome_centre - n.centre) > a.reach + n.radius
+
+
+def test_geometry_is_deterministic():
+    a, b = generate_geometry(7), generate_geometry(7)
+    assert a.info() == b.info()
+    assert generate_geometry(8).info() != a.info()
