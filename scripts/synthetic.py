@@ -23,14 +23,26 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from scripts.atomic_io import replace_atomically, write_atomically
-from scripts.data import GENERATOR_VERSION, LABELS, generate_case, get_centre, save_preview
+from scripts.data import (
+    GENERATOR_VERSION,
+    LABELS,
+    Centre,
+    Phantom,
+    generate_case,
+    get_centre,
+    phantom_affine,
+    save_preview,
+)
+from scripts.data.appearance import render_background_only
 
-__all__ = ["case_seed", "ensure_dataset", "main", "split_sizes", "write_dataset"]
+__all__ = ["case_seed", "dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +89,8 @@ def write_dataset(
     seed: int = 0,
     centre: str = "A",
     previews: int = 0,
-    remove_old: bool = True,
+    splits: Sequence[int] | None = None,
+    negatives: int = 0,
 ) -> str:
     """Generate ``num_cases`` cases of ``centre`` into ``output_dir`` (overwriting) and write ``dataset.json``.
 
@@ -91,38 +104,45 @@ def write_dataset(
         centre: centre name, see :data:`scripts.data.CENTRES`.
         previews: write PNG previews of the first ``previews`` cases into ``output_dir/previews``
             (MIPs with aneurysms in red, hard negatives circled in yellow, slices through the aneurysm).
-        remove_old: delete an existing ``dataset.json`` first, so that an interrupted overwrite cannot
-            leave it describing a mix of old and new cases. ``ensure_dataset`` passes False: another
-            process may be writing the same (deterministic) dataset at the same time.
+        splits: ``(training, validation, test)`` counts summing to ``num_cases``; default
+            :func:`split_sizes`. ``(0, 0, n)`` writes a test-only dataset.
+        negatives: how many of the training cases (the last ones) are vessel-free: tissue texture, bone,
+            artefacts and noise with an all-background label, so that a model sees whole windows and
+            volumes of background. Default 0.
+
+    An existing ``dataset.json`` is deleted first, so that an interrupted overwrite cannot leave it
+    describing a mix of old and new cases.
 
     Returns:
         the path of ``dataset.json``.
     """
     style = get_centre(centre)
-    num_train, num_val, num_test = split_sizes(num_cases)
+    recipe = dataset_recipe(num_cases, seed, style, splits, negatives)
+    num_train, num_val, num_test = recipe["splits"]
     if previews < 0:
         raise ValueError(f"previews must be >= 0, got {previews}.")
     output_dir = os.path.abspath(os.fspath(output_dir))
     json_path = os.path.join(output_dir, DATASET_JSON)
-    if remove_old and os.path.exists(json_path):
+    if os.path.exists(json_path):
         logger.info("removing the old %s before rewriting the dataset", json_path)
         os.remove(json_path)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
 
-    splits: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    cases: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     start = time.perf_counter()
     for index in range(num_cases):
         split = "training" if index < num_train else "validation" if index < num_train + num_val else "test"
         folder = "Ts" if split == "test" else "Tr"
         name = f"3dra_{style.name}_{index:04d}"
-        phantom = generate_case(case_seed(seed, index), style)
+        vessel_free = split == "training" and index >= num_train - negatives
+        phantom = (_vessel_free_case if vessel_free else generate_case)(case_seed(seed, index), style)
         image_rel = f"images{folder}/{name}.nii.gz"
         label_rel = f"labels{folder}/{name}.nii.gz"
         _atomic_nifti(phantom.image, phantom.affine, os.path.join(output_dir, image_rel))
         _atomic_nifti(phantom.label, phantom.affine, os.path.join(output_dir, label_rel))
         info = phantom.info
-        splits[split].append(
+        cases[split].append(
             {
                 "image": image_rel,
                 "label": label_rel,
@@ -172,7 +192,8 @@ def write_dataset(
         "numTraining": num_train + num_val,
         "numValidation": num_val,
         "numTest": num_test,
-        **splits,
+        "synthetic_recipe": recipe,
+        **cases,
     }
     _atomic_json(dataset, json_path)
     logger.info(
@@ -186,22 +207,88 @@ def write_dataset(
     return json_path
 
 
-def ensure_dataset(dataset_dir: str, num_cases: int = 16, seed: int = 0, centre: str = "A") -> str:
-    """Return ``dataset_dir/dataset.json``, generating the dataset first if it does not exist.
+def _vessel_free_case(seed: int, centre: Centre) -> Phantom:
+    """A case of background only (label all 0), as a :class:`Phantom`."""
+    image, label, info = render_background_only(seed, centre)
+    info = {**info, "num_aneurysms": 0, "aneurysm_diameters_mm": [], "hard_negatives": []}
+    return Phantom(image, label, centre.spacing, phantom_affine(centre.shape, centre.spacing), info)
 
-    An existing ``dataset.json`` is reused as it is, without regenerating anything (a warning is logged
-    when its centre or seed differ from the ones asked for).
+
+def dataset_recipe(
+    num_cases: int,
+    seed: int,
+    centre: str | Centre,
+    splits: Sequence[int] | None = None,
+    negatives: int = 0,
+) -> dict[str, Any]:
+    """Everything that shapes a synthetic dataset; two datasets with equal recipes hold the same cases.
+
+    Written into ``dataset.json`` as ``synthetic_recipe`` and compared by :func:`ensure_dataset`.
+
+    Args:
+        num_cases: total number of cases.
+        seed: dataset seed.
+        centre: centre name or :class:`~scripts.data.Centre` (every field counts: spacing, shape, ...).
+        splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
+        negatives: vessel-free training cases (see :func:`write_dataset`).
+    """
+    style = get_centre(centre)
+    counts = split_sizes(num_cases) if splits is None else _check_splits(num_cases, splits)
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or not 0 <= negatives <= counts[0]:
+        raise ValueError(
+            f"negatives must be an integer from 0 to the {counts[0]} training cases, got {negatives!r}."
+        )
+    recipe = {
+        "generator_version": GENERATOR_VERSION,
+        "num_cases": int(num_cases),
+        "seed": int(seed),
+        "splits": list(counts),
+        "negatives": negatives,
+        "centre": style.to_dict(),
+    }
+    return json.loads(json.dumps(recipe))  # as it reads back from dataset.json (tuples become lists)
+
+
+def _check_splits(num_cases: int, splits: Sequence[int]) -> tuple[int, int, int]:
+    counts = tuple(int(n) for n in splits)
+    if len(counts) != 3 or min(counts) < 0 or sum(counts) != num_cases:
+        raise ValueError(
+            f"splits must be 3 non-negative counts (training, validation, test) summing to num_cases="
+            f"{num_cases}, got {list(splits)}."
+        )
+    return counts
+
+
+def ensure_dataset(
+    dataset_dir: str,
+    num_cases: int = 16,
+    seed: int = 0,
+    centre: str = "A",
+    splits: Sequence[int] | None = None,
+    negatives: int = 0,
+) -> str:
+    """Return ``dataset_dir/dataset.json``, generating the dataset unless the one there has the same recipe.
+
+    The recipe (:func:`dataset_recipe`: generator version, case count, splits, seed and every centre
+    setting, spacing and shape included) is stored in ``dataset.json``. A dataset written with another
+    recipe, or by an older generator, is regenerated with a warning that says what differs; a
+    ``dataset.json`` that this generator did not write is never overwritten.
 
     Args:
         dataset_dir: dataset folder.
-        num_cases: number of cases to generate when there is no dataset yet (>= 3).
+        num_cases: number of cases (>= 1 with explicit ``splits``, else >= 3).
         seed: dataset seed.
         centre: centre name.
+        splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
+        negatives: vessel-free training cases (see :func:`write_dataset`).
 
     Returns:
         the path of ``dataset.json``.
+
+    Raises:
+        ValueError: the folder holds a ``dataset.json`` that is not a synthetic dataset of this generator.
     """
-    style = get_centre(centre)
+    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives)
     json_path = os.path.join(os.path.abspath(os.fspath(dataset_dir)), DATASET_JSON)
     if os.path.isfile(json_path):
         try:
@@ -209,24 +296,66 @@ def ensure_dataset(dataset_dir: str, num_cases: int = 16, seed: int = 0, centre:
                 existing = json.load(handle)
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{json_path} exists but cannot be read as JSON: {error}") from error
-        logger.info("reusing the existing dataset %s", json_path)
-        if existing.get("centre") != style.name or existing.get("seed") != seed:
-            logger.warning(
-                "%s was written for centre %s, seed %s (asked: centre %s, seed %s); reusing it anyway",
-                json_path,
-                existing.get("centre"),
-                existing.get("seed"),
-                style.name,
-                seed,
+        if "generator_version" not in existing:
+            raise ValueError(
+                f"{json_path} was not written by the synthetic generator (no 'generator_version'); refusing "
+                "to overwrite it. Pass it as dataset_dir, or choose another synthetic_dir."
             )
-        return json_path
-    logger.info("no dataset at %s; generating %d cases of centre %s", dataset_dir, num_cases, style.name)
-    return write_dataset(dataset_dir, num_cases=num_cases, seed=seed, centre=style, remove_old=False)
+        old = existing.get("synthetic_recipe", {"generator_version": existing["generator_version"]})
+        if old == recipe:
+            logger.info("reusing the existing dataset %s", json_path)
+            return json_path
+        changed = {k: (old.get(k), recipe[k]) for k in recipe if k != "centre" and old.get(k) != recipe[k]}
+        old_centre = old.get("centre") or {}
+        changed |= {
+            f"centre.{k}": (old_centre.get(k), v)
+            for k, v in recipe["centre"].items()
+            if old_centre.get(k) != v
+        }
+        logger.warning(
+            "%s was generated with another recipe; REGENERATING it. Differences (was, asked): %s",
+            json_path,
+            changed,
+        )
+    else:
+        logger.info(
+            "no dataset at %s; generating %d cases of centre %s",
+            dataset_dir,
+            num_cases,
+            recipe["centre"]["name"],
+        )
+    return write_dataset(
+        dataset_dir,
+        num_cases=num_cases,
+        seed=seed,
+        centre=get_centre(centre),
+        splits=splits,
+        negatives=negatives,
+    )
 
 
-def main(output_dir: str, num_cases: int = 16, seed: int = 0, centre: str = "A", previews: int = 0) -> str:
-    """Write a synthetic 3DRA dataset; returns the path of its ``dataset.json``."""
-    return write_dataset(output_dir, num_cases=num_cases, seed=seed, centre=centre, previews=previews)
+def main(
+    output_dir: str,
+    num_cases: int = 16,
+    seed: int = 0,
+    centre: str = "A",
+    previews: int = 0,
+    splits: Sequence[int] | None = None,
+    negatives: int = 0,
+) -> str:
+    """Write a synthetic 3DRA dataset; returns the path of its ``dataset.json``.
+
+    ``--splits "[0,0,20]"`` writes 20 test cases and nothing else (an evaluation set).
+    """
+    return write_dataset(
+        output_dir,
+        num_cases=num_cases,
+        seed=seed,
+        centre=centre,
+        previews=previews,
+        splits=splits,
+        negatives=negatives,
+    )
 
 
 if __name__ == "__main__":

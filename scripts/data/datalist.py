@@ -17,6 +17,8 @@ def resolve_datalist(
     synthetic_cases: int = 16,
     synthetic_seed: int = 0,
     synthetic_centre: str = "A",
+    synthetic_splits: list[int] | None = None,
+    synthetic_negatives: int = 0,
 ) -> str:
     """Path of the datalist to read, generating the synthetic default dataset when none is given.
 
@@ -26,7 +28,8 @@ def resolve_datalist(
             relative to the folder), or None for the synthetic default.
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
-        synthetic_cases, synthetic_seed, synthetic_centre: how to generate it.
+        synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives: how to generate it (see
+            ``scripts.synthetic.ensure_dataset``; a dataset there made another way is regenerated).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but has no datalist.
@@ -47,7 +50,12 @@ def resolve_datalist(
     # In distributed runs local rank 0 generates while the other ranks wait, then they find it written.
     with idist.one_rank_first(local=True):
         return ensure_dataset(
-            synthetic_dir, num_cases=synthetic_cases, seed=synthetic_seed, centre=synthetic_centre
+            synthetic_dir,
+            num_cases=synthetic_cases,
+            seed=synthetic_seed,
+            centre=synthetic_centre,
+            splits=synthetic_splits,
+            negatives=synthetic_negatives,
         )
 
 
