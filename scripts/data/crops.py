@@ -19,6 +19,44 @@ def aligned_starts(size: int, roi: int, grid: int) -> np.ndarray:
     return np.union1d(np.arange(0, size - roi + 1, grid), [size - roi])
 
 
+def empty_window_starts(
+    foreground: np.ndarray, spatial_size: Sequence[int], grid: int, slice_axis: int
+) -> np.ndarray:
+    """Crop starts whose window holds no foreground voxel, in-plane starts on the grid.
+
+    Args:
+        foreground: (D, H, W) bool mask of every labelled structure.
+        spatial_size: the crop size.
+        grid: in-plane start grid (see :func:`aligned_starts`); the slice-axis start is free.
+        slice_axis: the spatial axis whose start is free.
+
+    Returns:
+        (K, 3) int array of starts, K = 0 when every window touches the foreground.
+    """
+    shape = foreground.shape
+    # summed-area table with a leading zero plane per axis: box sums by inclusion-exclusion
+    table = np.zeros(tuple(n + 1 for n in shape), dtype=np.int64)
+    table[1:, 1:, 1:] = foreground.astype(np.int64).cumsum(0).cumsum(1).cumsum(2)
+    starts = [
+        np.arange(size - roi + 1) if axis == slice_axis else aligned_starts(size, roi, grid)
+        for axis, (size, roi) in enumerate(zip(shape, spatial_size, strict=True))
+    ]
+    a, b, c = np.meshgrid(*starts, indexing="ij")
+    ra, rb, rc = (int(r) for r in spatial_size)
+    count = (
+        table[a + ra, b + rb, c + rc]
+        - table[a, b + rb, c + rc]
+        - table[a + ra, b, c + rc]
+        - table[a + ra, b + rb, c]
+        + table[a, b, c + rc]
+        + table[a, b + rb, c]
+        + table[a + ra, b, c]
+        - table[a, b, c]
+    )
+    empty = count == 0
+    return np.stack([a[empty], b[empty], c[empty]], axis=1)
+
+
 class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampleTrait):
     """Random crops centred on a voxel of a class drawn with ``ratios``, with in-plane starts on a grid.
 
@@ -34,6 +72,10 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         spatial_size: crop size.
         ratios: sampling weight of each class 0..len(ratios)-1; classes absent from a case are skipped.
         num_samples: crops per case. Default 1.
+        empty_ratio: sampling weight, beside ``ratios``, of a window with no labelled voxel at all (plain
+            background; cases without such a window skip it). Without it a model never sees a window of
+            background only, and at inference the per-window instance norm stretches such a window's
+            noise into what it learnt as structure. Default 0.
         grid: in-plane start grid in voxels. Default 32; 1 disables alignment.
         slice_axis: the spatial axis slices are taken across (free start). Default 2.
         allow_missing_keys: as in MONAI.
@@ -46,6 +88,7 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         spatial_size: Sequence[int],
         ratios: Sequence[float],
         num_samples: int = 1,
+        empty_ratio: float = 0.0,
         grid: int = 32,
         slice_axis: int = 2,
         allow_missing_keys: bool = False,
@@ -59,7 +102,10 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
             raise ValueError(f"Invalid grid={grid}, num_samples={num_samples} or slice_axis={slice_axis}.")
         self.label_key = label_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
+        if empty_ratio < 0:
+            raise ValueError(f"empty_ratio must be >= 0, got {empty_ratio}.")
         self.ratios = np.asarray(ratios, dtype=float)
+        self.empty_ratio = float(empty_ratio)
         self.num_samples = num_samples
         self.grid = grid
         self.slice_axis = slice_axis
@@ -73,12 +119,21 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         weights = np.array(
             [r if m is not None and m.size else 0.0 for r, m in zip(self.ratios, members, strict=True)]
         )
+        empty = (
+            empty_window_starts(label > 0, self.spatial_size, self.grid, self.slice_axis)
+            if self.empty_ratio > 0
+            else np.zeros((0, 3), dtype=int)
+        )
+        weights = np.append(weights, self.empty_ratio if len(empty) else 0.0)
         if weights.sum() == 0:  # none of the weighted classes present: centre anywhere
             weights = np.ones(1)
             members = [np.arange(flat.size)]
         starts = []
         for _ in range(self.num_samples):
             cls = self.R.choice(len(weights), p=weights / weights.sum())
+            if cls == len(members):  # a window of background only
+                starts.append(tuple(int(v) for v in empty[self.R.randint(len(empty))]))
+                continue
             centre = np.unravel_index(self.R.choice(members[cls]), shape)
             start = []
             for axis, (c, size, roi) in enumerate(zip(centre, shape, self.spatial_size, strict=True)):
