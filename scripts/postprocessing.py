@@ -1,0 +1,142 @@
+"""Component-wise clean-up of a predicted label volume, with its settings as config keys.
+
+An aneurysm sits on a vessel and has a size; a prediction that says otherwise is corrected:
+
+* **specks**: foreground components (vessel and aneurysm together, 26-connected) below
+  ``min_component_mm3`` are set to background;
+* **detached aneurysms**: aneurysm components that touch no vessel voxel are set to
+  ``detached_aneurysm_label`` (0 background, 1 vessel, or None to keep them);
+* **small aneurysms**: aneurysm components below ``min_aneurysm_mm3`` that touch a vessel become vessel
+  (a bump of the wall, not a lesion).
+
+Volumes are in mm^3 at the prediction's own spacing. The defaults in ``configs/`` were chosen on the
+validation split (``docs/recipe.md``), as nnU-Net chooses its post-processing on validation data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from scripts.metrics import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+
+__all__ = ["CleanSegmentationd", "clean_segmentation"]
+
+logger = logging.getLogger(__name__)
+
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as the detection metric counts
+
+
+def clean_segmentation(
+    label: np.ndarray,
+    spacing: Sequence[float],
+    min_component_mm3: float = 0.0,
+    min_aneurysm_mm3: float = 0.0,
+    detached_aneurysm_label: int | None = None,
+) -> np.ndarray:
+    """Apply the clean-up rules of this module to one label volume.
+
+    Args:
+        label: (D, H, W) integer labels 0/1/2.
+        spacing: voxel spacing in mm along the three axes.
+        min_component_mm3: foreground components below this volume become background. Default 0 (off).
+        min_aneurysm_mm3: aneurysm components below this volume touching a vessel become vessel.
+            Default 0 (off).
+        detached_aneurysm_label: new label of aneurysm components touching no vessel (None keeps them).
+
+    Returns:
+        (D, H, W) cleaned labels, same dtype; the input is not modified.
+    """
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise ValueError(f"label must be (D, H, W), got shape {label.shape}.")
+    if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
+        raise ValueError(f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}.")
+    voxel_mm3 = float(np.prod(spacing))
+    out = label.copy()
+    if min_component_mm3 > 0:
+        components, count = ndimage.label(out > 0, structure=_CONNECTIVITY)
+        sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
+        small = sizes < min_component_mm3
+        small[0] = False
+        out[small[components]] = BACKGROUND_LABEL
+    aneurysm = out == ANEURYSM_LABEL
+    if not aneurysm.any() or (detached_aneurysm_label is None and min_aneurysm_mm3 <= 0):
+        return out
+    components, count = ndimage.label(aneurysm, structure=_CONNECTIVITY)
+    near_vessel = ndimage.binary_dilation(out == VESSEL_LABEL, structure=_CONNECTIVITY)
+    touching = np.zeros(count + 1, dtype=bool)
+    touching[np.unique(components[near_vessel & aneurysm])] = True
+    sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
+    new_label = np.full(count + 1, ANEURYSM_LABEL, dtype=out.dtype)
+    if detached_aneurysm_label is not None:
+        new_label[~touching] = detached_aneurysm_label
+    new_label[touching & (sizes < min_aneurysm_mm3)] = VESSEL_LABEL
+    out[aneurysm] = new_label[components[aneurysm]]
+    return out
+
+
+def _spacing_of(image: Any) -> tuple[float, float, float]:
+    """Voxel spacing (mm) from a MetaTensor's affine."""
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        raise ValueError("CleanSegmentationd needs a MetaTensor with an affine to know the voxel volume.")
+    affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=float)
+    return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+class CleanSegmentationd(MapTransform):
+    """Dictionary wrapper of :func:`clean_segmentation` for (1, D, H, W) label MetaTensors.
+
+    The voxel volume comes from the tensor's affine, so it runs after ``Invertd`` at the input's own
+    spacing, or before it at the training spacing.
+
+    Args:
+        keys: label keys, each (1, D, H, W) integer labels (after ``AsDiscreted(argmax=True)``).
+        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label: see :func:`clean_segmentation`.
+        allow_missing_keys: as in MONAI.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        min_component_mm3: float = 0.0,
+        min_aneurysm_mm3: float = 0.0,
+        detached_aneurysm_label: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if min_component_mm3 < 0 or min_aneurysm_mm3 < 0:
+            raise ValueError(
+                f"min_component_mm3 and min_aneurysm_mm3 must be >= 0, got {min_component_mm3}, "
+                f"{min_aneurysm_mm3}."
+            )
+        if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
+            raise ValueError(
+                f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}."
+            )
+        self.settings = {
+            "min_component_mm3": float(min_component_mm3),
+            "min_aneurysm_mm3": float(min_aneurysm_mm3),
+            "detached_aneurysm_label": detached_aneurysm_label,
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.ndim != 4 or pred.shape[0] != 1:
+                raise ValueError(f"{key}: expected (1, D, H, W) labels, got shape {tuple(pred.shape)}.")
+            array = pred[0].detach().cpu().numpy()
+            cleaned = clean_segmentation(array, _spacing_of(pred), **self.settings)
+            pred = pred.clone()
+            pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
+            d[key] = pred
+        return d
