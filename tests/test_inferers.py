@@ -1,0 +1,41 @@
+"""bfloat16 autocast of any inferer on the CPU, float32 logits out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+from scripts.inferers import AutocastInferer
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.dtypes = []
+
+    def forward(self, x):
+        out = self.conv(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("enabled, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_network_runs_in_bf16_and_returns_float32(enabled, dtype):
+    net = _Recorder()
+    x = torch.rand(1, 1, 16, 16, 16)
+    for inner in (SimpleInferer(), SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=2)):
+        out = AutocastInferer(inner, enabled=enabled)(x, net)
+        assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16, 16)
+        with torch.no_grad():
+            reference = inner(x, net.conv)
+        torch.testing.assert_close(out, reference, atol=0.05, rtol=0.05)
+    assert set(net.dtypes) == {dtype}
+
+
+def test_settings_read_through_and_bad_switch_refused():
+    inferer = AutocastInferer(SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.5))
+    assert inferer.roi_size == (8, 8, 8) and inferer.overlap == 0.5
+    with pytest.raises(ValueError, match="True or False"):
+        AutocastInferer(SimpleInferer(), enabled="false")
