@@ -24,7 +24,12 @@ method. What is measured:
 
 The last line is machine-readable::
 
-    train_step_ratio_nocache=A train_step_ratio_warm=B infer256_ratio=C peak_mem256_gib=D
+    train_step_ratio_nocache=A train_step_ratio_warm=B infer256_ratio=C peak_mem256_gib=D steps_per_min_warm=E
+    steps_per_min_warm_bf16=F
+
+``steps_per_min_warm`` and ``steps_per_min_warm_bf16`` are DINO-3DRA's warm-cache optimizer steps per minute
+in float32 and under CPU bf16 autocast (what the training config runs on CPUs with native bf16; ``nan``
+elsewhere).
 
 ``infer256_ratio`` (DINO-3DRA time / plain U-Net time) and ``peak_mem256_gib`` (DINO-3DRA's peak: CUDA memory
 on CUDA, else the process's peak RSS) are those of the 256^3 volume, or of the largest size measured when 256
@@ -51,6 +56,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from scripts.embedding_cache import SliceEmbeddingCache, attach_embedding_cache
+from scripts.inferers import cpu_bf16_supported
 from scripts.networks import Dino3DRA
 
 GIB = 2**30
@@ -90,15 +96,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_step(net: Dino3DRA, image: torch.Tensor, label: torch.Tensor) -> Callable[[], None]:
-    """One forward + DiceCE loss + backward + AdamW step on one batch."""
+def _train_step(
+    net: Dino3DRA, image: torch.Tensor, label: torch.Tensor, autocast: bool = False
+) -> Callable[[], None]:
+    """One forward + DiceCE loss + backward + AdamW step on one batch; the forward under CPU bf16 autocast
+    when ``autocast`` (as ``scripts.inferers.AutocastInferer`` runs it in the training config)."""
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(net(image), label).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = net(image)
+        loss_fn(logits.float(), label).backward()
         optimizer.step()
 
     return step
@@ -242,9 +253,18 @@ def main(
         "DINO-3DRA, no cache": _train_step(dino, image, label),
         "DINO-3DRA, warm cache": _train_step(warm_dino, image, label),
     }
+    bf16 = torch.device(device).type == "cpu" and cpu_bf16_supported()
+    if bf16:  # what the training config runs on this CPU
+        steps["plain U-Net, bf16"] = _train_step(_build(False, network_kwargs, device), image, label, True)
+        steps["DINO-3DRA, warm, bf16"] = _train_step(warm_dino, image, label, True)
     train = _interleaved_median_seconds(steps, repeats, device)
     for name, seconds in train.items():
-        print(f"  {name:<24} {seconds:8.2f} s/step  {seconds / train['plain U-Net']:5.2f}x plain")
+        print(
+            f"  {name:<24} {seconds:8.2f} s/step  {60 / seconds:6.1f} steps/min  "
+            f"{seconds / train['plain U-Net']:5.2f}x plain"
+        )
+    if not bf16:
+        print("  (no bf16 autocast rows: this CPU has no native bf16, so the configs train in float32)")
     print(f"  (warm cache: {cache.hit_rate:.0%} of the slice lookups were hits)")
     nocache = train["DINO-3DRA, no cache"] / train["plain U-Net"]
     warm = train["DINO-3DRA, warm cache"] / train["plain U-Net"]
@@ -307,9 +327,11 @@ def main(
     }
     for name, (value, met, unit) in goals.items():
         print(_goal_line(name, value, met, unit))
+    warm_bf16 = train.get("DINO-3DRA, warm, bf16", math.nan)
     last = (
         f"train_step_ratio_nocache={nocache:.3f} train_step_ratio_warm={warm:.3f} "
-        f"infer256_ratio={infer:.3f} peak_mem256_gib={peak:.3f}"
+        f"infer256_ratio={infer:.3f} peak_mem256_gib={peak:.3f} "
+        f"steps_per_min_warm={60 / train['DINO-3DRA, warm cache']:.2f} steps_per_min_warm_bf16={60 / warm_bf16:.2f}"
     )
     print(last)
 

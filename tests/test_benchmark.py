@@ -8,9 +8,11 @@ import re
 from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
 
 from scripts.benchmark import main
+from scripts.inferers import cpu_bf16_supported
 
 LAST_LINE = re.compile(
-    r"train_step_ratio_nocache=(\S+) train_step_ratio_warm=(\S+) infer256_ratio=(\S+) peak_mem256_gib=(\S+)"
+    r"train_step_ratio_nocache=(\S+) train_step_ratio_warm=(\S+) infer256_ratio=(\S+) peak_mem256_gib=(\S+) "
+    r"steps_per_min_warm=(\S+) steps_per_min_warm_bf16=(\S+)"
 )
 
 
@@ -29,6 +31,8 @@ def test_benchmark_smoke(capsys):
     assert "100% of the slice lookups were hits" in out
     match = LAST_LINE.fullmatch(out.strip().splitlines()[-1])
     assert match, out
-    ratio_nocache, ratio_warm, infer_ratio, peak_gib = map(float, match.groups())
-    assert ratio_nocache > 0 and ratio_warm > 0
+    ratio_nocache, ratio_warm, infer_ratio, peak_gib, per_min, per_min_bf16 = map(float, match.groups())
+    assert ratio_nocache > 0 and ratio_warm > 0 and per_min > 0
+    # the bf16 row is there exactly where the CPU runs bf16 natively, as the training config decides
+    assert ("DINO-3DRA, warm, bf16" in out) == cpu_bf16_supported() == (not math.isnan(per_min_bf16))
     assert math.isnan(infer_ratio) and math.isnan(peak_gib)

@@ -163,6 +163,59 @@ def test_run_training_command_line(tiny_dataset, tmp_path):
     assert "ETA" in result.stdout and "train_loss" in result.stdout
 
 
+def _readme_ablation_overrides() -> dict[str, list[str]]:
+    """The ablation table's rows that switch something off, as the README spells their overrides."""
+    rows = {}
+    for line in (BUNDLE_ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip(" `") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[1].startswith("--use_"):
+            rows[cells[0]] = cells[1].split()
+    return rows
+
+
+README_ABLATIONS = _readme_ablation_overrides()
+
+
+def _run_training(tmp_path, tiny_dataset, extra: list[str]) -> subprocess.CompletedProcess:
+    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    command += ["--meta_file", META, "--logging_file", LOGGING, *cli_overrides(overrides), *extra]
+    return subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_lists_the_three_switches():
+    assert {args[0] for args in README_ABLATIONS.values()} == {
+        "--use_dino",
+        "--use_calibration",
+        "--use_room_lite",
+    }
+
+
+@pytest.mark.parametrize("row", sorted(README_ABLATIONS))
+def test_readme_ablation_overrides_train_that_row(row, tiny_dataset, tmp_path):
+    """Each documented override, typed as the README spells it, trains the network it names."""
+    key, value = README_ABLATIONS[row]
+    result = _run_training(tmp_path, tiny_dataset, [key, value])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
+    names = " ".join(state)
+    expected = {
+        "--use_dino": "dino." not in names and "fusions." not in names,
+        "--use_calibration": "fusions.0" not in names and "dino.coherence" in names,
+        "--use_room_lite": "dino.coherence" not in names and "fusions.0" in names,
+    }
+    assert expected[key], names
+
+
+@pytest.mark.parametrize("key", ["--use_dino", "--use_calibration", "--use_room_lite"])
+def test_lower_case_false_on_the_command_line_is_refused(key, tiny_dataset, tmp_path):
+    # fire parses 'false' as the string "false", which is truthy: it must not train the full model
+    result = _run_training(tmp_path, tiny_dataset, [key, "false"])
+    assert result.returncode != 0
+    assert f"{key[2:]} must be True or False, got 'false'" in result.stdout + result.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
+
+
 def test_multi_gpu_config_runs_two_gloo_processes(tiny_dataset, tmp_path):
     """torchrun with 2 CPU processes: DDP over gloo; only rank 0 writes checkpoints and TensorBoard."""
     data = tmp_path / "data"
@@ -256,7 +309,7 @@ def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
     metrics = {
         name: parser.get_parsed_content(f"validate#{group}#{name}").metric_fn
         for group, name in [
-            ("key_metric", "val_mean_dice"),
+            ("additional_metrics", "val_mean_dice"),
             ("additional_metrics", "val_vessel_dice"),
             ("additional_metrics", "val_aneurysm_dice"),
         ]
@@ -274,6 +327,25 @@ def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
     torch.testing.assert_close(
         metrics["val_aneurysm_dice"](pred[:, 2:], label[:, 2:]), torch.tensor([[0.0], [0.0]])
     )
+
+
+def test_model_selection_counts_false_aneurysm_components():
+    """model.pt is picked by a score that drops when a false aneurysm appears beside a perfect one."""
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    score = parser.get_parsed_content("validate#key_metric#val_score").metric_fn
+    label = torch.zeros(1, 3, 16, 16, 16)
+    label[:, 0] = 1
+    label[0, :, 2:14, 7:9, 7:9] = torch.tensor([0.0, 1.0, 0.0])[:, None, None, None]
+    label[0, :, 6:9, 9:12, 7:10] = torch.tensor([0.0, 0.0, 1.0])[:, None, None, None]
+    perfect = score(label.clone(), label)
+    extra = label.clone()
+    extra[0, :, 12:14, 12:14, 12:14] = torch.tensor([0.0, 0.0, 1.0])[:, None, None, None]  # 8 false voxels
+    score.reset()
+    torch.testing.assert_close(perfect, torch.ones(1, 1))
+    with_false_positive = score(extra, label)
+    # aneurysm F1 2/3 and a slightly lower aneurysm Dice: the mean drops by more than 0.1
+    assert float(with_false_positive) < 0.9
 
 
 ABLATIONS = {

@@ -1,0 +1,124 @@
+"""Choose the post-processing settings on validation predictions, as nnU-Net does after training.
+
+Every combination of the grid below is applied to the saved raw predictions (``save_predictions: True``
+in ``configs/evaluate.yaml``, with post-processing off) and scored against the labels with
+:func:`scripts.selection_metric.case_score` (mean of vessel Dice, aneurysm Dice and aneurysm detection
+F1); the best mean wins, ties going to the mildest setting. Run from the bundle root::
+
+    python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \\
+        --meta_file configs/metadata.json --logging_file configs/logging.conf --eval_seed 2000 \\
+        --eval_cases 10 --eval_dir outputs/tune --save_predictions True \\
+        --postprocess_min_component_mm3 0 --postprocess_min_aneurysm_mm3 0 \\
+        --postprocess_detached_aneurysm_label None
+    python -m scripts.tune_postprocessing --pred_dir outputs/tune/predictions \\
+        --datalist data/synthetic_test_A_seed2000/dataset.json --split test
+
+It logs the table and the overrides to use, and writes ``postprocessing.json`` beside the predictions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from scripts.atomic_io import write_atomically
+from scripts.data.datalist import load_split
+from scripts.postprocessing import clean_segmentation
+from scripts.selection_metric import case_score
+
+__all__ = ["GRID", "main", "tune"]
+
+logger = logging.getLogger(__name__)
+
+GRID = {
+    "min_component_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
+    "min_aneurysm_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
+    "detached_aneurysm_label": [None, 0, 1],
+}
+
+
+def _prediction_for(pred_dir: Path, image: str) -> Path:
+    name = Path(image).name.removesuffix(".gz").removesuffix(".nii")
+    path = pred_dir / f"{name}_seg.nii.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved prediction for {image}.")
+    return path
+
+
+def tune(cases: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]) -> list[dict]:
+    """Score every grid setting on ``(pred, label, spacing)`` cases; rows sorted best first.
+
+    Each row: the settings, ``score`` (mean over cases) and the means of its three parts.
+    """
+    rows = []
+    names = list(GRID)
+    for order, values in enumerate(itertools.product(*GRID.values())):
+        settings = dict(zip(names, values, strict=True))
+        parts = [case_score(clean_segmentation(p, s, **settings), t) for p, t, s in cases]
+        means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
+        rows.append({**settings, **means, "_order": order})
+    rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
+    return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+
+
+def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
+    """Tune on the saved predictions of ``split`` of ``datalist``; returns the best row."""
+    folder = Path(pred_dir)
+    cases = []
+    for entry in load_split(datalist, split):
+        pred = nib.load(_prediction_for(folder, entry["image"]))
+        label = nib.load(entry["label"])
+        if pred.shape[:3] != label.shape[:3]:
+            raise ValueError(
+                f"{entry['image']}: prediction shape {pred.shape} differs from label {label.shape}."
+            )
+        spacing = tuple(float(s) for s in label.header.get_zooms()[:3])
+        cases.append(
+            (
+                np.asarray(pred.dataobj)[..., 0] if pred.ndim == 4 else np.asarray(pred.dataobj),
+                np.asarray(label.dataobj),
+                spacing,
+            )
+        )
+    rows = tune(cases)
+    header = f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+    lines = [header] + [
+        f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} {r['detached_aneurysm_label']!s:>10} "
+        f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
+        for r in rows[:10]
+    ]
+    none = next(
+        r
+        for r in rows
+        if r["min_component_mm3"] == 0 and r["min_aneurysm_mm3"] == 0 and r["detached_aneurysm_label"] is None
+    )
+    best = rows[0]
+    logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), "\n".join(lines))
+    logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
+    logger.info(
+        "use: --postprocess_min_component_mm3 %s --postprocess_min_aneurysm_mm3 %s --postprocess_detached_aneurysm_label %s",
+        best["min_component_mm3"],
+        best["min_aneurysm_mm3"],
+        best["detached_aneurysm_label"],
+    )
+    write_atomically(
+        str(folder / "postprocessing.json"),
+        json.dumps({"best": best, "none": none, "cases": len(cases)}, indent=2) + "\n",
+    )
+    return best
+
+
+if __name__ == "__main__":
+    import logging.config
+
+    import fire
+
+    logging.config.fileConfig(
+        Path(__file__).resolve().parents[1] / "configs" / "logging.conf", disable_existing_loggers=False
+    )
+    fire.Fire(main)
