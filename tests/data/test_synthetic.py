@@ -411,3 +411,15 @@ def test_command_line_writes_the_layout(tmp_path):
     assert "case 3/3" in result.stderr
     for key in KEYS:
         assert load_decathlon_datalist(str(out / "dataset.json"), data_list_key=key, base_dir=str(out))
+
+
+def test_vessel_free_training_cases(tmp_path):
+    """The last ``negatives`` training cases show background texture and noise with an all-zero label."""
+    path = write_dataset(str(tmp_path), num_cases=3, seed=4, centre=SMALL_A, splits=(3, 0, 0), negatives=2)
+    entries = json.loads(Path(path).read_text())["training"]
+    labels = [np.asarray(nib.load(tmp_path / e["label"]).dataobj) for e in entries]
+    images = [np.asarray(nib.load(tmp_path / e["image"]).dataobj) for e in entries]
+    assert labels[0].any() and not labels[1].any() and not labels[2].any()
+    assert all(np.isfinite(i).all() and i.std() > 0 for i in images)
+    with pytest.raises(ValueError, match="negatives"):
+        write_dataset(str(tmp_path / "bad"), num_cases=3, splits=(1, 1, 1), negatives=2)
