@@ -9,8 +9,9 @@ An aneurysm sits on a vessel and has a size; a prediction that says otherwise is
 * **small aneurysms**: aneurysm components below ``min_aneurysm_mm3`` that touch a vessel become vessel
   (a bump of the wall, not a lesion).
 
-Volumes are in mm^3 at the prediction's own spacing. The defaults in ``configs/`` were chosen on the
-validation split (``docs/recipe.md``), as nnU-Net chooses its post-processing on validation data.
+Volumes are in mm^3 at the prediction's own spacing. ``python -m scripts.tune_postprocessing`` chooses
+the settings on saved validation predictions, as nnU-Net chooses its post-processing; the defaults in
+``configs/`` are not tuned yet (``docs/recipe.md``).
 """
 
 from __future__ import annotations

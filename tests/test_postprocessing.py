@@ -52,3 +52,16 @@ def test_dictionary_transform_reads_the_spacing_from_the_affine():
     assert (pred[0, 20:22, 17:19, 14:16] == 2).all()  # the input is left alone
     with pytest.raises(ValueError, match="detached_aneurysm_label"):
         CleanSegmentationd("pred", detached_aneurysm_label=2)
+
+
+def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
+    from scripts.tune_postprocessing import tune
+
+    truth = _scene()
+    truth[2:6, 2:6, 2:6] = 0  # the detached blob is a false positive of the prediction
+    truth[25, 25, 25] = 0
+    rows = tune([(_scene(), truth, (1.0, 1.0, 1.0))])
+    best = rows[0]
+    assert best["detached_aneurysm_label"] == 0 and best["min_component_mm3"] > 0
+    untouched = next(r for r in rows if r["detached_aneurysm_label"] is None and r["min_component_mm3"] == 0)
+    assert best["score"] > untouched["score"]
