@@ -334,28 +334,8 @@ def ensure_dataset(
     )
 
 
-def main(
-    output_dir: str,
-    num_cases: int = 16,
-    seed: int = 0,
-    centre: str = "A",
-    previews: int = 0,
-    splits: Sequence[int] | None = None,
-    negatives: int = 0,
-) -> str:
-    """Write a synthetic 3DRA dataset; returns the path of its ``dataset.json``.
-
-    ``--splits "[0,0,20]"`` writes 20 test cases and nothing else (an evaluation set).
-    """
-    return write_dataset(
-        output_dir,
-        num_cases=num_cases,
-        seed=seed,
-        centre=centre,
-        previews=previews,
-        splits=splits,
-        negatives=negatives,
-    )
+main = write_dataset
+"""The command line: ``python -m scripts.synthetic --output_dir D [--num_cases N] [--splits "[0,0,20]"] ...``."""
 
 
 if __name__ == "__main__":
