@@ -280,7 +280,18 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
     infer.read_config(str(CONFIGS / "inference.yaml"))
     assert train["network_def"] == infer["network_def"]
     keys = ["roi_size", "spacing", "slice_axis", "dino_model", "dino_image_size", "dino_dtype", "dino_config"]
-    keys += ["use_dino", "use_room_lite", "use_calibration"]
+    keys += [
+        "use_dino",
+        "use_room_lite",
+        "use_calibration",
+        "intensity_upper_percentile",
+        "intensity_noise_floor",
+    ]
+    keys += [
+        "postprocess_min_component_mm3",
+        "postprocess_min_aneurysm_mm3",
+        "postprocess_detached_aneurysm_label",
+    ]
     assert all(train[k] == infer[k] for k in keys)
     train_steps = [t["_target_"] for t in train["loading"] + train["preparation"]]
     assert train_steps == [t["_target_"] for t in infer["preprocessing"]["transforms"]]
