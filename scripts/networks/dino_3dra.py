@@ -132,38 +132,24 @@ class Dino3DRA(nn.Module):
         """The frozen encoder, or None for the plain U-Net."""
         return self.dino.encoder if self.dino is not None else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        slice_embeddings: torch.Tensor | None = None,
-        encoder_input: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Segment a patch.
 
         Args:
             x: (B, in_channels, D, H, W), intensities in [0, 1]; D, H, W divisible by ``2**(levels-1)``.
             slice_embeddings: optional (B, n_slices, hidden) output of ``self.slice_encoder(x)`` computed
                 earlier; the result is identical to computing it here.
-            encoder_input: optional (B, in_channels, D, H, W) patch the slice encoder reads instead of ``x``.
-                Training passes the unaugmented patch here while ``x`` carries intensity and in-plane
-                augmentation, so the frozen encoder sees slices it has cached (its embedding is one vector
-                per slice, broadcast in-plane, so an in-plane flip of ``x`` leaves its layout unchanged).
 
         Returns:
             logits (B, out_channels, D, H, W).
         """
         self._check_input(x)
-        if encoder_input is not None and encoder_input.shape != x.shape:
-            raise ValueError(
-                f"encoder_input must have the shape of x, got {tuple(encoder_input.shape)} and {tuple(x.shape)}."
-            )
         skips = [self.conv_0(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         if self.dino is not None:
             shapes = [s.shape[2:] for s in skips[:NUM_DINO_SKIPS]]
-            encoded = x if encoder_input is None else encoder_input
-            volumes = self.dino(encoded, shapes, slice_embeddings)
+            volumes = self.dino(x, shapes, slice_embeddings)
             for level, (fusion, volume) in enumerate(zip(self.fusions, volumes, strict=True)):
                 skips[level] = fusion(skips[level], volume)
         u = skips.pop()

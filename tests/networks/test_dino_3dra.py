@@ -95,19 +95,6 @@ def test_precomputed_embeddings_give_identical_logits():
         torch.testing.assert_close(net(x, slice_embeddings=embeddings), net(x), rtol=0, atol=0)
 
 
-def test_encoder_reads_encoder_input_and_unet_reads_x():
-    # training feeds the encoder the unaugmented patch (a cache hit) and the U-Net the augmented one
-    net = tiny_net().eval()
-    clean, augmented = torch.rand(2, 1, *ROI), torch.rand(2, 1, *ROI)
-    with torch.no_grad():
-        embeddings = net.slice_encoder(clean)
-        expected = net(augmented, slice_embeddings=embeddings)
-        torch.testing.assert_close(net(augmented, encoder_input=clean), expected, rtol=0, atol=0)
-        assert not torch.allclose(net(augmented), expected)
-        with pytest.raises(ValueError, match="encoder_input must have the shape of x"):
-            net(augmented, encoder_input=clean[:, :, :16])
-
-
 def test_mixed_precision_forward_and_backward_follow_float32():
     # the bundle trains with AMP on GPUs; CPU bfloat16 autocast exercises the same casts
     net = tiny_net()
