@@ -25,7 +25,9 @@ Documented choices:
 * **Failure** of a case: aneurysm Dice < :data:`FAILURE_DICE_THRESHOLD`.
 * **Detection**: aneurysm components with 26-connectivity; a true component is hit when any predicted
   aneurysm voxel overlaps it, a predicted component overlapping no true aneurysm voxel is a false
-  positive.
+  positive. Sensitivity is also given per size bin (:data:`SIZE_BINS`), the size of a true component
+  being its equivalent-sphere diameter ``(6 V / pi) ** (1/3)`` from its volume in mm^3. The label is
+  the sac beyond the parent wall, so this reads somewhat below a dome diameter measured by hand.
 * **Summary std** is the population standard deviation (``ddof=0``); ``n`` is always reported beside
   it, so the sample value is ``std * sqrt(n / (n - 1))``.
 """
@@ -49,6 +51,7 @@ __all__ = [
     "FAILURE_DICE_THRESHOLD",
     "METRICS",
     "MISSING_STRUCTURE_DISTANCE_MM",
+    "SIZE_BINS",
     "STATUSES",
     "VESSEL_LABEL",
     "case_metrics",
@@ -72,6 +75,14 @@ FAILURE_DICE_THRESHOLD = 0.5
 
 METRICS: tuple[str, ...] = ("dice", "jaccard", "volume_similarity", "hd95", "assd")
 """Per-class metric names; record keys are ``f"{class_name}_{metric}"``."""
+
+SIZE_BINS: tuple[tuple[str, str, float, float], ...] = (
+    ("under_3mm", "< 3 mm", 0.0, 3.0),
+    ("3_to_7mm", "3-7 mm", 3.0, 7.0),
+    ("over_7mm", "> 7 mm", 7.0, math.inf),
+)
+"""Aneurysm size bins ``(key, display name, lower, upper)`` in mm of equivalent-sphere diameter,
+``lower <= d < upper``; record keys ``f"{class_name}_true_{key}"`` and ``f"{class_name}_hits_{key}"``."""
 
 STATUSES: tuple[str, ...] = ("present", "missed", "spurious", "both_empty")
 """Per-class case status; record key ``f"{class_name}_status"``."""
@@ -305,7 +316,9 @@ def _class_metrics_from_counts(
     return result
 
 
-def detection_counts(pred_mask: np.ndarray, true_mask: np.ndarray) -> dict[str, int]:
+def detection_counts(
+    pred_mask: np.ndarray, true_mask: np.ndarray, spacing: Sequence[float] | None = None
+) -> dict[str, int]:
     """Connected-component detection counts (26-connectivity) of one structure.
 
     A true component is a hit when any predicted voxel overlaps it; a predicted component overlapping
@@ -314,9 +327,12 @@ def detection_counts(pred_mask: np.ndarray, true_mask: np.ndarray) -> dict[str, 
     Args:
         pred_mask: predicted mask, bool array (D, H, W).
         true_mask: true mask, bool array (D, H, W), same shape.
+        spacing: voxel spacing in mm along (D, H, W); when given, true components and hits are also
+            counted per :data:`SIZE_BINS` bin of equivalent-sphere diameter.
 
     Returns:
-        ``{"true_components", "hits", "false_positives"}`` as ints.
+        ``{"true_components", "hits", "false_positives"}`` as ints, plus ``true_{bin}`` and
+        ``hits_{bin}`` for every bin when ``spacing`` is given.
     """
     pred_mask = np.asarray(pred_mask, dtype=bool)
     true_mask = np.asarray(true_mask, dtype=bool)
@@ -324,19 +340,33 @@ def detection_counts(pred_mask: np.ndarray, true_mask: np.ndarray) -> dict[str, 
         raise ValueError(
             f"pred and label must have the same shape, got {pred_mask.shape} and {true_mask.shape}"
         )
+    counts = {"true_components": 0, "hits": 0, "false_positives": 0}
+    if spacing is not None:
+        spacing = _check_spacing(spacing)
+        counts.update({f"{kind}_{key}": 0 for key, *_ in SIZE_BINS for kind in ("true", "hits")})
     box = _crop_box(pred_mask, true_mask, margin=0)
     if box is None:
-        return {"true_components": 0, "hits": 0, "false_positives": 0}
+        return counts
     pred_mask, true_mask = pred_mask[box], true_mask[box]
     true_cc, n_true = ndimage.label(true_mask, structure=_COMPONENT_STRUCTURE)
     pred_cc, n_pred = ndimage.label(pred_mask, structure=_COMPONENT_STRUCTURE)
-    hit_ids = np.unique(true_cc[pred_mask])
+    is_hit = np.zeros(n_true + 1, dtype=bool)
+    is_hit[true_cc[pred_mask]] = True
+    is_hit[0] = False
     overlapping_pred_ids = np.unique(pred_cc[true_mask])
-    return {
-        "true_components": int(n_true),
-        "hits": int(np.count_nonzero(hit_ids)),
-        "false_positives": int(n_pred - np.count_nonzero(overlapping_pred_ids)),
-    }
+    counts.update(
+        true_components=int(n_true),
+        hits=int(is_hit.sum()),
+        false_positives=int(n_pred - np.count_nonzero(overlapping_pred_ids)),
+    )
+    if spacing is not None:
+        volumes_mm3 = np.bincount(true_cc.ravel(), minlength=n_true + 1)[1:] * float(np.prod(spacing))
+        diameters = np.cbrt(6.0 * volumes_mm3 / math.pi)
+        for key, _, lower, upper in SIZE_BINS:
+            in_bin = (diameters >= lower) & (diameters < upper)
+            counts[f"true_{key}"] = int(in_bin.sum())
+            counts[f"hits_{key}"] = int((in_bin & is_hit[1:]).sum())
+    return counts
 
 
 def case_metrics(
@@ -368,7 +398,8 @@ def case_metrics(
         ``{name}_volume_similarity``, ``{name}_hd95``, ``{name}_assd`` (floats, never NaN),
         ``{name}_status`` (one of :data:`STATUSES`), ``{name}_true_voxels``, ``{name}_pred_voxels``.
         If :data:`ANEURYSM_LABEL` is among the classes, also ``{name}_true_components``,
-        ``{name}_hits``, ``{name}_false_positives`` and ``failure`` (aneurysm Dice <
+        ``{name}_hits``, ``{name}_false_positives``, ``{name}_true_{bin}`` and ``{name}_hits_{bin}``
+        per :data:`SIZE_BINS` bin, and ``failure`` (aneurysm Dice <
         :data:`FAILURE_DICE_THRESHOLD`). Finally ``penalty_mm``, so a summary can state it.
 
     Raises:
@@ -395,7 +426,7 @@ def case_metrics(
         record[f"{name}_true_voxels"] = n_true
         record[f"{name}_pred_voxels"] = n_pred
         if value == ANEURYSM_LABEL:
-            for key, count in detection_counts(pred_mask, true_mask).items():
+            for key, count in detection_counts(pred_mask, true_mask, spacing3).items():
                 record[f"{name}_{key}"] = count
     if ANEURYSM_LABEL in classes:
         record["failure"] = bool(record[f"{classes[ANEURYSM_LABEL]}_dice"] < FAILURE_DICE_THRESHOLD)
@@ -476,8 +507,10 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         * ``failure = {"k", "n", "rate", "threshold"}`` (k failed of n cases), or None when the records
           carry no ``failure``;
         * ``detection = {"class", "true_components", "hits", "false_positives", "n", "sensitivity",
-          "false_positives_per_case"}`` with sensitivity = hits / true components (None when there
-          is no true component at all), or None when the records carry no detection counts.
+          "false_positives_per_case", "by_size"}`` with sensitivity = hits / true components (None when
+          there is no true component at all), or None when the records carry no detection counts;
+          ``by_size[key] = {"name", "true_components", "hits", "sensitivity"}`` per :data:`SIZE_BINS`
+          bin, or None when the records carry no per-size counts.
 
     Raises:
         ValueError: on an empty list, a missing key, a NaN or infinite value (naming the case), an
@@ -533,6 +566,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "n": n,
             "sensitivity": hits / true_total if true_total else None,
             "false_positives_per_case": false_positives / n,
+            "by_size": _detection_by_size(records, name),
         }
 
     penalties = {_as_finite_float(r, "penalty_mm", i) for i, r in enumerate(records) if "penalty_mm" in r}
@@ -545,6 +579,23 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "failure": failure,
         "detection": detection,
     }
+
+
+def _detection_by_size(records: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any] | None:
+    """Per-size-bin true components, hits and sensitivity, or None when the records lack the counts."""
+    if f"{name}_true_{SIZE_BINS[0][0]}" not in records[0]:
+        return None
+    by_size = {}
+    for key, display, _, _ in SIZE_BINS:
+        true_total = sum(_as_count(r, f"{name}_true_{key}", i) for i, r in enumerate(records))
+        hits = sum(_as_count(r, f"{name}_hits_{key}", i) for i, r in enumerate(records))
+        by_size[key] = {
+            "name": display,
+            "true_components": true_total,
+            "hits": hits,
+            "sensitivity": hits / true_total if true_total else None,
+        }
+    return by_size
 
 
 def format_mean_std(stats: Mapping[str, float], digits: int) -> str:
@@ -585,16 +636,19 @@ def format_markdown_table(summary: Mapping[str, Any]) -> str:
         )
     detection = summary.get("detection")
     if detection is not None:
-        if detection["sensitivity"] is None:
-            sensitivity = "n/a (no true component)"
-        else:
-            sensitivity = f"{100.0 * detection['sensitivity']:.1f}%"
+        sensitivity = _percent(detection["sensitivity"], "n/a (no true component)")
         lines.append(
             f"{detection['class'].capitalize()} detection: sensitivity {sensitivity} "
             f"({detection['hits']}/{detection['true_components']} components), "
             f"{detection['false_positives_per_case']:.2f} false positives per case "
             f"({detection['false_positives']} in {detection['n']} cases)"
         )
+        if detection.get("by_size") is not None:
+            bins = [
+                f"{entry['name']} {_percent(entry['sensitivity'])} ({entry['hits']}/{entry['true_components']})"
+                for entry in detection["by_size"].values()
+            ]
+            lines.append("Sensitivity by size (equivalent-sphere diameter): " + ", ".join(bins))
     penalty = summary.get("penalty_mm")
     penalty_text = f"{penalty:g} mm" if penalty is not None else "a fixed penalty"
     lines.append(
@@ -603,3 +657,7 @@ def format_markdown_table(summary: Mapping[str, Any]) -> str:
         "HD95 = max of the two directed 95th percentiles of surface distances."
     )
     return "\n".join(lines) + "\n"
+
+
+def _percent(fraction: float | None, missing: str = "n/a") -> str:
+    return missing if fraction is None else f"{100.0 * fraction:.1f}%"

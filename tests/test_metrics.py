@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
@@ -94,6 +95,40 @@ def test_shifted_cube_anisotropic(axis, expected_hd95, expected_assd):
     assert record["aneurysm_assd"] == pytest.approx(expected_assd)
     assert record["aneurysm_status"] == "present"
     assert record["failure"] is False
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["pred-smaller", "pred-larger"])
+def test_volume_similarity_of_masks_of_different_sizes(swap):
+    """30 true voxels, 10 predicted, 5 shared: VS = 1 - |10 - 30| / 40 = 0.5 whichever is larger.
+
+    Dice (2 * 5 / 40 = 0.25) and Jaccard (5 / 35) differ from VS here, so each is checked on its own.
+    """
+    true_mask = np.zeros(SHAPE, dtype=bool)
+    true_mask[0:2, 0, 0:15] = True  # 30 voxels
+    pred_mask = np.zeros(SHAPE, dtype=bool)
+    pred_mask[0, 0, 10:20] = True  # 10 voxels, 5 of them in the truth
+    if swap:
+        pred_mask, true_mask = true_mask, pred_mask
+    result = class_metrics(pred_mask, true_mask, spacing=ANISO)
+    assert result["volume_similarity"] == pytest.approx(0.5)
+    assert result["dice"] == pytest.approx(0.25)
+    assert result["jaccard"] == pytest.approx(1 / 7)
+
+
+# The failure definition: aneurysm Dice < 0.5. Four true voxels in a row; the prediction overlaps two of
+# them: with 4 predicted voxels Dice = 2 * 2 / 8 = 0.5 exactly (not a failure), with 5 it is 4 / 9 (a failure).
+@pytest.mark.parametrize(
+    "pred_stop, dice, failure", [(6, 0.5, False), (7, 4 / 9, True)], ids=["dice-0.5", "dice-4/9"]
+)
+def test_failure_is_aneurysm_dice_strictly_below_one_half(pred_stop, dice, failure):
+    label = _volume()
+    label[10, 10, 0:4] = 2
+    pred = _volume()
+    pred[10, 10, 2:pred_stop] = 2
+    record = case_metrics(pred, label, spacing=ANISO)
+    assert record["aneurysm_dice"] == dice
+    assert record["failure"] is failure
+    assert summarize([{"case": "c", **record}])["failure"]["k"] == int(failure)
 
 
 @pytest.mark.parametrize("penalty_mm", [None, 42.0])
@@ -376,7 +411,6 @@ def test_markdown_table():
 
 
 def test_surface_distances_agree_with_monai_on_irregular_anisotropic_masks():
-    torch = pytest.importorskip("torch")
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     rng = np.random.default_rng(0)
@@ -396,3 +430,34 @@ def test_surface_distances_agree_with_monai_on_irregular_anisotropic_masks():
     )
     assert ours["hd95"] == pytest.approx(hd95.item(), rel=1e-5)
     assert ours["assd"] == pytest.approx(assd.item(), rel=1e-5)
+
+
+def _ball(shape, spacing, centre_mm, diameter_mm) -> np.ndarray:
+    grid = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grid, centre_mm, strict=True)) <= (diameter_mm / 2) ** 2
+
+
+def test_detection_sensitivity_per_aneurysm_size():
+    # balls of 2, 5 and 9 mm (one per size bin) on an anisotropic grid; the 2 and 9 mm ones are found
+    shape, spacing = (60, 48, 40), (0.5, 0.4, 0.3)
+    balls = [_ball(shape, spacing, (c, 9.0, 6.0), d) for c, d in ((3.0, 2.0), (10.0, 5.0), (22.0, 9.0))]
+    label = _volume_of(shape, balls, 2)
+    pred = _volume_of(shape, [balls[0], balls[2]], 2)
+    record = case_metrics(pred, label, spacing)
+    assert [record[f"aneurysm_true_{key}"] for key in ("under_3mm", "3_to_7mm", "over_7mm")] == [1, 1, 1]
+    assert [record[f"aneurysm_hits_{key}"] for key in ("under_3mm", "3_to_7mm", "over_7mm")] == [1, 0, 1]
+    # a second case with one missed 2 mm aneurysm: the bins add up over cases
+    other = case_metrics(np.zeros(shape, np.uint8), _volume_of(shape, [balls[0]], 2), spacing)
+    by_size = summarize([{"case": "a", **record}, {"case": "b", **other}])["detection"]["by_size"]
+    assert by_size["under_3mm"] == {"name": "< 3 mm", "true_components": 2, "hits": 1, "sensitivity": 0.5}
+    assert by_size["3_to_7mm"]["sensitivity"] == 0.0
+    assert by_size["over_7mm"]["sensitivity"] == 1.0
+    table = format_markdown_table(summarize([record, other]))
+    assert "Sensitivity by size (equivalent-sphere diameter): < 3 mm 50.0% (1/2), 3-7 mm 0.0% (0/1)" in table
+
+
+def _volume_of(shape, masks, value) -> np.ndarray:
+    volume = np.zeros(shape, dtype=np.uint8)
+    for mask in masks:
+        volume[mask] = value
+    return volume

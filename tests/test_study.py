@@ -8,10 +8,12 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
 
 from scripts import study
+from scripts.metrics import case_metrics, format_mean_std, summarize
 from scripts.networks import EncoderWeightsError
 
 TINY = {"dino_model": "random", "dino_config": TINY_DINOV3, "dino_image_size": TINY_IMAGE_SIZE}
@@ -55,6 +57,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def table_line(text: str, label: str) -> str:
     (line,) = [line for line in text.splitlines() if line.startswith(f"| {label}")]
     return line
+
+
+def table_cells(text: str, label: str) -> list[str]:
+    """The cells of a Markdown table's line, the label first."""
+    return [cell.strip() for cell in table_line(text, label).strip().strip("|").split("|")]
 
 
 def test_study_config_has_the_paper_rows_and_three_budgets():
@@ -146,6 +153,126 @@ def test_micro_study_writes_every_file_and_selected_row(micro_study):
     assert table_line(cross, "w/o Room-Lite †").count("±") == 3 and "B, C unseen" in cross
     done = json.loads((micro_study / "rows" / "full" / "done.json").read_text())
     assert done["encoder"]["source"] == "random:0" and set(done["centres"]) == {"A", "B", "C"}
+
+
+def assert_results_agree_with_row_files(output: Path) -> None:
+    """Each line of results.csv holds its own (row, centre)'s figures: those of the summary.json and
+    per_case.csv that evaluation wrote in rows/<row>/eval_<centre>/, and of the row's done.json; the two
+    tables print the same summaries."""
+    config = study.load_study_config()
+    lines = read_csv(output / "results.csv")
+    assert lines
+    for line in lines:
+        row, centre = line["row"], line["centre"]
+        eval_dir = output / "rows" / row / f"eval_{centre}"
+        summary = json.loads((eval_dir / "summary.json").read_text())
+        cases = read_csv(eval_dir / "per_case.csv")
+        done = json.loads((output / "rows" / row / "done.json").read_text())
+        what = f"{row}/{centre}"
+        assert line["label"] == config.labels[row] and line["in_centre"] == str(centre == config.train_centre)
+        assert int(line["n_cases"]) == summary["n_cases"] == len(cases), what
+        for name in ("aneurysm", "vessel"):
+            for metric in ("dice", "hd95"):
+                stats = summary["classes"][name][metric]
+                values = [float(case[f"{name}_{metric}"]) for case in cases]
+                assert (stats["mean"], stats["std"]) == pytest.approx((np.mean(values), np.std(values))), what
+                for part in ("mean", "std"):
+                    assert float(line[f"{name}_{metric}_{part}"]) == pytest.approx(stats[part], abs=1e-6), (
+                        what
+                    )
+        # the failure definition, case by case: aneurysm Dice < 0.5
+        failed = [float(case["aneurysm_dice"]) < 0.5 for case in cases]
+        assert [case["failure"] == "True" for case in cases] == failed, what
+        assert int(line["failures_k"]) == summary["failure"]["k"] == sum(failed), what
+        assert float(line["failure_rate"]) == pytest.approx(sum(failed) / len(cases), abs=1e-6), what
+        hits, true_components, false_positives = (
+            sum(int(case[f"aneurysm_{key}"]) for case in cases)
+            for key in ("hits", "true_components", "false_positives")
+        )
+        assert (summary["detection"]["hits"], summary["detection"]["true_components"]) == (
+            hits,
+            true_components,
+        )
+        if true_components:
+            assert float(line["detection_sensitivity"]) == pytest.approx(hits / true_components, abs=1e-6)
+        else:
+            assert line["detection_sensitivity"] == ""  # no sensitivity without a true aneurysm, never NaN
+        assert float(line["detection_fp_per_case"]) == pytest.approx(false_positives / len(cases), abs=1e-6)
+        assert done["centres"][centre]["summary"] == summary, what
+        assert int(line["trainable_params"]) == done["trainable_params"], what
+        assert float(line["train_seconds"]) == pytest.approx(done["train_seconds"], abs=0.051)
+        assert float(line["eval_seconds"]) == pytest.approx(
+            done["centres"][centre]["eval_seconds"], abs=0.051
+        )
+        assert (line["budget"], int(line["seed"])) == (done["budget"], done["seed"])
+
+    ablation, cross = (output / "ablation.md").read_text(), (output / "cross_centre.md").read_text()
+    for row in {line["row"] for line in lines}:
+        summaries = {
+            c: json.loads((output / "rows" / row / f"eval_{c}" / "summary.json").read_text())
+            for c in config.test_centres
+        }
+        own = summaries[config.train_centre]  # the ablation is on the training centre
+        cells = table_cells(ablation, config.labels[row])
+        assert cells[1] == format_mean_std(own["classes"]["aneurysm"]["dice"], 3), row
+        assert cells[2] == format_mean_std(own["classes"]["aneurysm"]["hd95"], 2), row
+        assert cells[3] == format_mean_std(own["classes"]["vessel"]["dice"], 3), row
+        assert cells[4] == f"{own['failure']['k']}/{own['failure']['n']}", row
+        cells = table_cells(cross, config.labels[row])
+        for index, centre in enumerate(config.test_centres):
+            summary = summaries[centre]
+            assert cells[1 + 2 * index] == format_mean_std(summary["classes"]["aneurysm"]["dice"], 3), row
+            assert cells[2 + 2 * index] == f"{summary['failure']['k']}/{summary['failure']['n']}", row
+
+
+def test_results_csv_and_tables_agree_with_each_row_s_own_files(micro_study):
+    assert_results_agree_with_row_files(micro_study)
+
+
+def scored_cases(row_index: int, centre_index: int) -> list[dict]:
+    """Three cases scored by scripts.metrics, different for every (row, centre): aneurysm Dice 1, 3/4 and
+    1/4 (one failure of three), ``row_index + centre_index + (0, 1, 2)`` false aneurysm components, and a
+    spacing of their own along the aneurysm's shift (so HD95 differs)."""
+    spacing = (0.3 + 0.1 * row_index + 0.03 * centre_index, 0.5, 0.5)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[2:14, 7:9, 7:9] = 1
+    label[4:8, 9:13, 6:10] = 2  # a 4^3 aneurysm beside the vessel
+    cases = []
+    for index, shift in enumerate((0, 1, 3)):
+        pred = np.where(label == 2, 0, label).astype(np.uint8)
+        pred[4 + shift : 8 + shift, 9:13, 6:10] = 2
+        for speck in range(row_index + centre_index + index):  # separate one-voxel false aneurysms
+            pred[0, 2 * speck, 0] = 2
+        cases.append({"case": f"case_{index}", **case_metrics(pred, label, spacing)})
+    return cases
+
+
+def test_results_csv_holds_each_row_and_centre_s_own_summary(micro_study, tmp_path):
+    """The same check on summaries of three cases that differ for every (row, centre): failures k != n,
+    false positives per case != their count, no two centres alike."""
+    output = tmp_path / "study"
+    shutil.copytree(micro_study, output)
+    config = study.load_study_config()
+    for row_index, row in enumerate(ROWS):
+        done_path = output / "rows" / row / "done.json"
+        done = json.loads(done_path.read_text())
+        for centre_index, centre in enumerate(config.test_centres):
+            cases = scored_cases(row_index, centre_index)
+            summary = summarize(cases)
+            eval_dir = output / "rows" / row / f"eval_{centre}"
+            with open(eval_dir / "per_case.csv", "w", newline="") as handle:  # as evaluation writes it
+                writer = csv.DictWriter(handle, fieldnames=list(cases[0]))
+                writer.writeheader()
+                writer.writerows(cases)
+            (eval_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            done["centres"][centre].update(n_cases=len(cases), summary=json.loads(json.dumps(summary)))
+        done_path.write_text(json.dumps(done, indent=2))
+    study.write_tables(output, study.plan_study("micro", rows=",".join(ROWS), overrides=TINY))
+    lines = read_csv(output / "results.csv")
+    assert len(lines) == len(ROWS) * len(config.test_centres)
+    assert {line["failures_k"] for line in lines} == {"1"} and {line["n_cases"] for line in lines} == {"3"}
+    assert len({line["aneurysm_hd95_mean"] for line in lines}) == len(lines)  # every line its own
+    assert_results_agree_with_row_files(output)
 
 
 def test_an_interrupted_study_resumes_without_retraining_finished_rows(micro_study, tmp_path, train_calls):

@@ -1,0 +1,185 @@
+"""Geometry with a known answer: the real inference and evaluation workflows around a network whose output
+is known, on a scan that is odd-sized, anisotropic and not RAS.
+
+The network is replaced by a fixed intensity threshold (:class:`IntensityThreshold`), so the right
+segmentation of any scan is its thresholded intensity, voxel for voxel. The scan's spacings (0.8, 1.2 and
+1.6 mm) are multiples of the 0.4 mm working spacing, so the preprocessing's resampling (reorientation to RAS,
+up-sampling by 2, 3 and 4) passes through every input voxel centre and bilinear inversion returns exactly
+the value computed there: anything but the thresholded scan, on the scan's own grid, is a bug in inverting
+the preprocessing. Evaluation must then score that output Dice 1 and HD95 0, and a label moved by one voxel
+along a file axis the HD95 of that axis' own spacing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE_ROOT
+from monai.bundle import ConfigWorkflow
+from torch import nn
+
+CONFIGS = BUNDLE_ROOT / "configs"
+
+# The scan, in its file's voxel axes: 37 x 29 x 23 voxels of 0.8 x 1.2 x 1.6 mm. The affine permutes and
+# flips the axes: file axis 0 runs posterior (-y), axis 1 superior (+z), axis 2 left (-x), i.e. "PSL".
+SHAPE = (37, 29, 23)
+SPACING = (0.8, 1.2, 1.6)
+AFFINE = np.array(
+    [
+        [0.0, 0.0, -SPACING[2], 20.0],
+        [-SPACING[0], 0.0, 0.0, 10.0],
+        [0.0, SPACING[1], 0.0, -5.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+VESSEL_LEVEL, ANEURYSM_LEVEL = 500.0, 1000.0  # background 0; robust scaling maps them to 0.5 and 1
+# Boxes away from the centre of every axis (a flip moves them) and from the borders (a shift keeps them whole).
+VESSEL_BOX = (slice(6, 30), slice(9, 14), slice(4, 9))  # 24 x 5 x 5 voxels
+ANEURYSM_BOX = (slice(18, 23), slice(14, 19), slice(4, 9))  # 5 x 5 x 5 voxels, on the vessel's side
+SECOND_VESSEL_BOX = (slice(3, 8), slice(20, 26), slice(13, 20))  # 5 x 6 x 7 voxels, apart
+
+
+class IntensityThreshold(nn.Module):
+    """A stand-in network with a known answer: label 1 where the scaled intensity is in [low, high), 2 above.
+
+    Args:
+        low: threshold of vessel. Default 0.25.
+        high: threshold of aneurysm. Default 0.75.
+        steepness: logit slope per unit of intensity, so that probabilities are all but one-hot. Default 50.
+    """
+
+    def __init__(self, low: float = 0.25, high: float = 0.75, steepness: float = 50.0) -> None:
+        super().__init__()
+        self.register_buffer("thresholds", torch.tensor([low, high]))  # in model.pt, loaded by the workflow
+        self.steepness = steepness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 1, D, H, W) -> logits (B, 3, D, H, W); element-wise, so autocast leaves it in float32."""
+        vessel = self.steepness * (x - self.thresholds[0])
+        aneurysm = vessel + self.steepness * (x - self.thresholds[1])
+        return torch.cat([torch.zeros_like(x), vessel, aneurysm], dim=1)
+
+
+# The bundle's network replaced through the config, as a user would swap in their own; the working spacing
+# stated, since the exact answer rests on the scan's spacings being multiples of it (0.4 mm is the default).
+OVERRIDES = {
+    "network_def": {"_target_": f"{__name__}.{IntensityThreshold.__name__}"},
+    "spacing": [0.4, 0.4, 0.4],
+}
+
+
+def known_label() -> np.ndarray:
+    """(37, 29, 23) labels 0/1/2 in the file's voxel axes: two vessel boxes and an aneurysm on one of them."""
+    label = np.zeros(SHAPE, np.uint8)
+    label[VESSEL_BOX] = 1
+    label[SECOND_VESSEL_BOX] = 1
+    label[ANEURYSM_BOX] = 2
+    return label
+
+
+def save(path: Path, volume: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(volume, AFFINE), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> tuple[Path, Path]:
+    """The scan (intensities 0 / 500 / 1000 where ``known_label`` is 0 / 1 / 2) and model.pt of the threshold."""
+    folder = tmp_path_factory.mktemp("geometry")
+    (folder / "images").mkdir()
+    levels = np.array([0.0, VESSEL_LEVEL, ANEURYSM_LEVEL], np.float32)
+    image = save(folder / "images" / "scan.nii.gz", levels[known_label()])
+    model = folder / "model.pt"
+    torch.save(IntensityThreshold().state_dict(), model)
+    return image, model
+
+
+def run(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def test_inference_returns_the_thresholded_scan_on_its_own_grid(scan, tmp_path):
+    image, model = scan
+    run(
+        ConfigWorkflow(
+            config_file=str(CONFIGS / "inference.yaml"),
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"),
+            workflow_type="infer",
+            input_files=[str(image)],
+            model_path=str(model),
+            output_dir=str(tmp_path),
+            **OVERRIDES,
+        )
+    )
+    result = nib.load(tmp_path / "scan_seg.nii.gz")
+    np.testing.assert_allclose(result.affine, AFFINE, atol=1e-5)
+    # robust scaling maps the brightest level to 1, so the thresholds are fractions of it
+    thresholds = ANEURYSM_LEVEL * np.asarray(IntensityThreshold().thresholds)
+    thresholded = np.digitize(nib.load(image).get_fdata(), thresholds)
+    np.testing.assert_array_equal(np.asarray(result.dataobj), thresholded)
+    np.testing.assert_array_equal(thresholded, known_label())  # all three labels, where they were put
+
+
+def shifted(label: np.ndarray, axis: int) -> np.ndarray:
+    """``label`` moved by one voxel along a file axis (the boxes stay clear of the border)."""
+    return np.roll(label, 1, axis=axis)
+
+
+def dice_after_shift(boxes: list[tuple[slice, ...]], axis: int) -> float:
+    """Dice of boxes against themselves moved one voxel along ``axis``: each keeps (n - 1) / n of its volume."""
+    volumes = [np.prod([s.stop - s.start for s in box]) for box in boxes]
+    lengths = [box[axis].stop - box[axis].start for box in boxes]
+    return sum(v * (n - 1) / n for v, n in zip(volumes, lengths, strict=True)) / sum(volumes)
+
+
+def test_evaluation_scores_at_the_label_s_own_spacing(scan, tmp_path):
+    """Dice 1 and HD95 0 for the right answer; a one-voxel shift along file axis k costs SPACING[k] mm.
+
+    Each box's surface moves by one voxel: its leading face (at least 25 % of its surface voxels) lies one
+    step of SPACING[k] from the other surface and no voxel further, so the 95th percentile is SPACING[k];
+    each box keeps (n - 1) / n of its voxels, n its length along k.
+    """
+    image, model = scan
+    data = tmp_path / "data"
+    (data / "labels").mkdir(parents=True)
+    labels = {"exact": known_label(), **{f"shift{axis}": shifted(known_label(), axis) for axis in range(3)}}
+    entries = [
+        {"image": str(image), "label": str(save(data / "labels" / f"{name}.nii.gz", label))}
+        for name, label in labels.items()
+    ]
+    (data / "dataset.json").write_text(json.dumps({"test": entries}))
+    run(
+        ConfigWorkflow(
+            config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"),
+            workflow_type="eval",
+            bundle_root=str(tmp_path),
+            dataset_dir=str(data),
+            model_path=str(model),
+            **OVERRIDES,
+        )
+    )
+    with open(tmp_path / "outputs" / "eval" / "per_case.csv", newline="") as handle:
+        records = {row["case"].removesuffix(".nii.gz"): row for row in csv.DictReader(handle)}
+    assert set(records) == set(labels)
+    for name in ("vessel", "aneurysm"):
+        assert float(records["exact"][f"{name}_dice"]) == 1.0
+        assert float(records["exact"][f"{name}_hd95"]) == 0.0
+    for axis, spacing in enumerate(SPACING):
+        record = records[f"shift{axis}"]
+        assert float(record["vessel_hd95"]) == pytest.approx(spacing)
+        assert float(record["aneurysm_hd95"]) == pytest.approx(spacing)
+        assert float(record["vessel_dice"]) == pytest.approx(
+            dice_after_shift([VESSEL_BOX, SECOND_VESSEL_BOX], axis)
+        )
+        assert float(record["aneurysm_dice"]) == pytest.approx(dice_after_shift([ANEURYSM_BOX], axis))
