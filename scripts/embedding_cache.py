@@ -1,11 +1,12 @@
 """A content-addressed cache of frozen-encoder slice embeddings, in memory and optionally on disk.
 
 The slice encoder is frozen, so the embedding of a slice is a pure function of (a) the slice's pixels
-and (b) everything else the encoder does to them: its weights, input size, image statistics, dtype and
-preprocessing version. The key of an entry is a hash of exactly these: ``namespace`` (b, from
-:attr:`SliceEncoder.cache_namespace`) and the slice's bytes and shape (a). A change of weights, image size,
-slice axis, crop, resampling or intensity scaling changes one of them, so a stale entry can never be
-returned; identical slice content is encoded once, whichever patch, window or epoch it comes from.
+and (b) everything else the encoder does to them: its weights and the settings that change its output
+(attention heads, RoPE theta, ...), input size, image statistics, dtype and preprocessing version. The key of
+an entry is a hash of exactly these: ``namespace`` (b, from :attr:`SliceEncoder.cache_namespace`) and the
+slice's float32 values and shape (a). A change of weights, encoder settings, image size, slice axis, crop,
+resampling or intensity scaling changes one of them, so a stale entry can never be returned; identical slice
+content is encoded once, whichever patch, window or epoch it comes from.
 """
 
 from __future__ import annotations

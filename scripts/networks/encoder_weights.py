@@ -10,24 +10,36 @@
 - ``random`` or ``random:SEED``: a randomly initialised, frozen DINOv3 ViT-S/16, reproducible from the seed.
   Only for explicit ablations and tests; it is logged as a warning every time.
 
-Every loaded encoder carries an :class:`EncoderProvenance` (source and a SHA-256 of its weights), which the
-network stores in its checkpoints and checks when they are loaded.
+Every loaded encoder carries an :class:`EncoderProvenance`: its source and a SHA-256 of its identity, i.e.
+its weights *and* every configuration field that changes what it computes from them (number of attention
+heads, RoPE theta, layer-norm epsilon, activation, ...; see :func:`architecture_of`). The network stores it in
+its checkpoints and checks it when they are loaded, and the slice-embedding cache files entries under it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, DINOv3ViTConfig, DINOv3ViTModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,31 @@ VITS16_CONFIG: dict[str, Any] = {"num_register_tokens": 4}
 
 _RANDOM = re.compile(r"^random(?::(\d+))?$")
 
+# Configuration fields that cannot change what a frozen encoder in eval mode computes from given weights. They
+# are left out of its identity; every other field of its config is in it, including fields a later
+# transformers release adds, so that the identity errs on the side of telling encoders apart.
+NOT_IDENTITY_FIELDS = frozenset(
+    {
+        # read in training mode only; the encoder always runs in eval mode
+        "attention_dropout",
+        "attention_probs_dropout_prob",
+        "hidden_dropout_prob",
+        "drop_path_rate",
+        "pos_embed_shift",
+        "pos_embed_jitter",
+        "pos_embed_rescale",
+        # initialisation only; the initialised or loaded weights are hashed themselves
+        "initializer_range",
+        "layerscale_value",
+        # read by the *Backbone classes only, never by the *Model the encoder runs
+        "apply_layernorm",
+        "reshape_hidden_states",
+        "stage_names",
+        "out_features",
+        "out_indices",
+    }
+)
+
 
 class EncoderWeightsError(OSError):
     """The encoder weights named by ``dino_model`` could not be found or read."""
@@ -51,19 +88,83 @@ class EncoderMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class EncoderProvenance:
-    """Which weights a frozen encoder holds.
+    """Which encoder a network was built with: where its weights came from, and what it computes.
 
     Args:
         source: the ``dino_model`` string it was loaded from (``random:SEED`` for random weights).
-        sha256: SHA-256 over the names, shapes and bytes of every tensor of its state dict.
+        sha256: the encoder's identity, SHA-256 over ``architecture`` and ``weights_sha256``: two encoders
+            share it when they hold the same weights and settings, i.e. compute the same function, wherever
+            their weights were loaded from.
+        weights_sha256: SHA-256 over the names, shapes, dtypes and bytes of every tensor of its state dict
+            (``""`` where unknown).
+        architecture: every configuration field that changes the encoder's output (:func:`architecture_of`).
     """
 
     source: str
     sha256: str
+    weights_sha256: str = ""
+    architecture: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, source: str) -> EncoderProvenance:
+        """The provenance of a loaded ``model``."""
+        architecture = architecture_of(model.config)
+        weights = weights_sha256(model)
+        return cls(source, identity_sha256(architecture, weights), weights, architecture)
 
     @property
     def is_random(self) -> bool:
         return _RANDOM.match(self.source) is not None
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint stores (plain types only, readable with ``torch.load(weights_only=True)``)."""
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "weights_sha256": self.weights_sha256,
+            "architecture": dict(self.architecture),
+        }
+
+    def check_record(self, record: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint's :meth:`record` of another encoder than this one.
+
+        Records written before the architecture was part of the identity hold ``sha256`` = the weights' hash
+        alone; they are accepted when the weights match, with a warning that the rest cannot be checked.
+
+        Raises:
+            EncoderMismatchError: naming both sources and what differs (weights, architecture fields).
+        """
+        source, sha256 = record.get("source"), str(record.get("sha256"))
+        if "weights_sha256" not in record:
+            if sha256 == self.weights_sha256:
+                logger.warning(
+                    "The checkpoint predates encoder-architecture records: its encoder weights match "
+                    "(%s, sha256 %s...), but settings such as attention heads or RoPE theta cannot be checked.",
+                    source,
+                    sha256[:12],
+                )
+                return
+            differences = ["the encoder weights differ"]
+        elif sha256 == self.sha256:
+            return
+        else:
+            differences = []
+            if record.get("weights_sha256") != self.weights_sha256:
+                differences.append("the encoder weights differ")
+            recorded = record.get("architecture") or {}
+            fields = [
+                f"{name}: checkpoint {recorded.get(name)!r}, now {self.architecture.get(name)!r}"
+                for name in sorted(set(recorded) | set(self.architecture))
+                if _canonical(recorded.get(name)) != _canonical(self.architecture.get(name))
+            ]
+            if fields:
+                differences.append("encoder settings differ (" + "; ".join(fields) + ")")
+        raise EncoderMismatchError(
+            f"The checkpoint was trained with slice encoder {source!r} (sha256 {sha256[:12]}...), but this "
+            f"network loaded {self.source!r} (sha256 {self.sha256[:12]}...): "
+            f"{', and '.join(differences) or 'their identities differ'}. Its features would not match what "
+            f"the fusion layers learned: set dino_model={source!r} (and dino_config, if any) to load it."
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +184,39 @@ class LoadedEncoder:
     def num_prefix_tokens(self) -> int:
         """CLS plus register tokens, which precede the patch tokens in ``last_hidden_state``."""
         return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+
+def architecture_of(config: PreTrainedConfig) -> dict[str, Any]:
+    """Every field of ``config`` that can change the encoder's output for given weights.
+
+    That is the whole config minus :data:`NOT_IDENTITY_FIELDS`, minus bookkeeping every transformers config
+    has (``_name_or_path``, ``architectures``, ``dtype``, output flags, labels, ...), plus ``model_type``.
+    """
+    bookkeeping = _generic_config_fields()
+    fields = {
+        name: value
+        for name, value in config.to_dict().items()
+        if name not in bookkeeping and name not in NOT_IDENTITY_FIELDS and not name.startswith("_")
+    }
+    return {**fields, "model_type": config.model_type}
+
+
+def identity_sha256(architecture: Mapping[str, Any], weights_sha: str) -> str:
+    """SHA-256 over an encoder's :func:`architecture_of` and :func:`weights_sha256`."""
+    text = json.dumps(
+        {"architecture": _canonical(dict(architecture)), "weights": weights_sha}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready with tuples as lists, so a field reads the same from a config object and from a record."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+@functools.cache
+def _generic_config_fields() -> frozenset[str]:
+    return frozenset(PreTrainedConfig().to_dict())
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -140,7 +274,7 @@ def load_encoder(
         )
 
     model.eval().requires_grad_(False)
-    provenance = EncoderProvenance(source=source, sha256=weights_sha256(model))
+    provenance = EncoderProvenance.of(model, source)
     if provenance.is_random:
         logger.warning(
             "!!! The slice encoder has RANDOM frozen weights (%s, sha256 %s...). Its features carry no "
@@ -217,7 +351,12 @@ def _folder_image_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, .
 
 
 def _meta_dinov3(path: Path, overrides: dict[str, Any] | None) -> PreTrainedModel:
-    """Build a ``DINOv3ViTModel`` from Meta's original state dict (``facebookresearch/dinov3`` layout)."""
+    """Build a ``DINOv3ViTModel`` from Meta's original state dict (``facebookresearch/dinov3`` layout).
+
+    Every key must be one the layout has: a key this loader does not know (a renamed or foreign tensor) is
+    refused rather than skipped, and so is a RoPE period buffer that the configured ``rope_theta`` and head
+    width would not reproduce.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable or non-torch files
@@ -227,10 +366,20 @@ def _meta_dinov3(path: Path, overrides: dict[str, Any] | None) -> PreTrainedMode
             f"{path}: not a DINOv3 state dict in Meta's layout (expected keys 'cls_token', "
             "'patch_embed.proj.weight', 'blocks.N.*')."
         )
-    config = DINOv3ViTConfig(**{**_config_from_meta_state(state), **(overrides or {})})
+    converted, unknown = _meta_to_hf_state(state)
+    if unknown:
+        raise EncoderWeightsError(
+            f"{path}: {len(unknown)} key(s) are not in Meta's DINOv3 ViT layout: {unknown[:8]} (expected "
+            "'blocks.N.attn.qkv.weight', 'blocks.N.mlp.fc1.weight', 'norm.weight', ...)."
+        )
+    try:
+        config = DINOv3ViTConfig(**{**_config_from_meta_state(state), **(overrides or {})})
+    except KeyError as error:
+        raise EncoderWeightsError(f"{path}: Meta's DINOv3 ViT layout has no key {error}.") from error
+    _check_rope_periods(path, state.get("rope_embed.periods"), config)
     model = DINOv3ViTModel(config)
     try:
-        model.load_state_dict(_meta_to_hf_state(state), strict=True)
+        model.load_state_dict(converted, strict=True)
     except RuntimeError as error:
         raise EncoderWeightsError(f"{path}: state dict does not fit a DINOv3 ViT ({error})") from error
     return model
@@ -241,11 +390,13 @@ def _config_from_meta_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     gated = "blocks.0.mlp.w1.weight" in state
     intermediate = state["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    periods = state.get("rope_embed.periods")
+    # RoPE keeps head_dim / 4 periods; without them assume Meta's 64-wide heads (override otherwise).
+    head_dim = 4 * periods.numel() if periods is not None and periods.numel() else 64
     return {
         "hidden_size": hidden,
         "num_hidden_layers": len(blocks),
-        # Meta's DINOv3 ViTs all use 64-wide heads; override num_attention_heads otherwise.
-        "num_attention_heads": max(1, hidden // 64),
+        "num_attention_heads": max(1, hidden // head_dim),
         "intermediate_size": intermediate,
         "patch_size": state["patch_embed.proj.weight"].shape[-1],
         "num_register_tokens": state["storage_tokens"].shape[1] if "storage_tokens" in state else 0,
@@ -255,28 +406,51 @@ def _config_from_meta_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
+def _check_rope_periods(path: Path, periods: torch.Tensor | None, config: DINOv3ViTConfig) -> None:
+    """Meta stores RoPE as periods ``theta ** (4 i / head_dim)``; transformers recomputes them from the config."""
+    if periods is None:
+        return
+    head_dim = config.hidden_size // config.num_attention_heads
+    exponents = torch.arange(head_dim // 4, dtype=torch.float64) * 4 / head_dim
+    expected = config.rope_theta**exponents
+    if periods.shape != expected.shape or not torch.allclose(periods.double(), expected, rtol=1e-4):
+        count = periods.numel()  # the checkpoint's heads are 4 * count wide: periods[-1] = theta ** ((n-1)/n)
+        implied = periods.double()[-1].item() ** (count / (count - 1)) if count > 1 else math.nan
+        raise EncoderWeightsError(
+            f"{path}: rope_embed.periods ({periods.numel()} values) are not those of rope_theta="
+            f"{config.rope_theta} with {config.num_attention_heads} attention heads of width {head_dim} "
+            f"(they imply rope_theta ~ {implied:.6g} for {4 * periods.numel()}-wide heads): set dino_config's "
+            "rope_theta / num_attention_heads to the checkpoint's."
+        )
+
+
+# Meta's name -> transformers' name, whole names only, so that a misspelt key is reported, never renamed.
 _META_RENAMES = [
     (r"^cls_token$", "embeddings.cls_token"),
     (r"^storage_tokens$", "embeddings.register_tokens"),
     (r"^mask_token$", "embeddings.mask_token"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings."),
-    (r"^blocks\.(\d+)\.norm(\d)\.", r"model.layer.\1.norm\2."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"model.layer.\1.attention.o_proj."),
-    (r"^blocks\.(\d+)\.ls(\d)\.gamma$", r"model.layer.\1.layer_scale\2.lambda1"),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"model.layer.\1.mlp.up_proj."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"model.layer.\1.mlp.down_proj."),
-    (r"^blocks\.(\d+)\.mlp\.w1\.", r"model.layer.\1.mlp.gate_proj."),
-    (r"^blocks\.(\d+)\.mlp\.w2\.", r"model.layer.\1.mlp.up_proj."),
-    (r"^blocks\.(\d+)\.mlp\.w3\.", r"model.layer.\1.mlp.down_proj."),
-    (r"^norm\.", "norm."),
+    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embeddings.\1"),
+    (r"^blocks\.(\d+)\.norm([12])\.(weight|bias)$", r"model.layer.\1.norm\2.\3"),
+    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"model.layer.\1.attention.o_proj.\2"),
+    (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"model.layer.\1.layer_scale\2.lambda1"),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$", r"model.layer.\1.mlp.down_proj.\2"),
+    (r"^blocks\.(\d+)\.mlp\.w1\.(weight|bias)$", r"model.layer.\1.mlp.gate_proj.\2"),
+    (r"^blocks\.(\d+)\.mlp\.w2\.(weight|bias)$", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"^blocks\.(\d+)\.mlp\.w3\.(weight|bias)$", r"model.layer.\1.mlp.down_proj.\2"),
+    (r"^norm\.(weight|bias)$", r"norm.\1"),
 ]
-# Buffers the transformers model recomputes, and heads it does not have.
-_META_IGNORED = re.compile(r"^(rope_embed\.|local_cls_norm\.|head\.)|\.bias_mask$")
+# Buffers the transformers model recomputes (the RoPE periods are checked against the config instead), the
+# key-bias mask, a norm used in training only, and heads it does not have.
+_META_IGNORED = re.compile(
+    r"^(rope_embed\.periods|local_cls_norm\.(weight|bias)|head\..*)$|\.attn\.qkv\.bias_mask$"
+)
 
 
-def _meta_to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _meta_to_hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Meta's keys renamed to transformers' (qkv split), and the keys that are in neither layout."""
     converted: dict[str, torch.Tensor] = {}
-    unused: list[str] = []
+    unknown: list[str] = []
     for key, value in state.items():
         if _META_IGNORED.search(key):
             continue
@@ -295,10 +469,8 @@ def _meta_to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 converted[re.sub(pattern, replacement, key)] = value
                 break
         else:
-            unused.append(key)
+            unknown.append(key)
     if "embeddings.mask_token" in converted:
         # Meta: (1, hidden); transformers: (1, 1, hidden)
         converted["embeddings.mask_token"] = converted["embeddings.mask_token"].reshape(1, 1, -1)
-    if unused:
-        logger.info("Ignored %d keys of the Meta state dict: %s", len(unused), unused[:5])
-    return converted
+    return converted, unknown

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder_weights import DEFAULT_DINO_MODEL, EncoderMismatchError, EncoderProvenance, load_encoder
+from .encoder_weights import DEFAULT_DINO_MODEL, EncoderProvenance, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class SliceEncoder(nn.Module):
         dino_config: architecture overrides for ``random`` or Meta ``.pth`` weights (tests use tiny ones).
         local_files_only: for hub ids, never go online (``None``: try the cache first, see ``load_encoder``).
         dtype: dtype the backbone runs in, ``"float32"`` or ``"bfloat16"`` (about 2x faster on CPUs with
-            bf16 support; embeddings differ by ~0.5% relative). The provenance hash is of the loaded weights.
+            bf16 support; embeddings differ by ~0.5% relative). The provenance is of the weights as loaded; the
+            dtype is part of :attr:`cache_namespace`.
     """
 
     def __init__(
@@ -88,7 +89,12 @@ class SliceEncoder(nn.Module):
 
     @functools.cached_property
     def cache_namespace(self) -> str:
-        """Everything besides the slice content that determines an embedding, hashed (once: all fixed)."""
+        """Everything besides the slice content that determines an embedding, hashed (once: all fixed).
+
+        The encoder's identity (weights and output-changing settings), input size, image statistics, dtype and
+        preprocessing version; :class:`~scripts.embedding_cache.SliceEmbeddingCache` adds the slice's pixels
+        and shape.
+        """
         parts = (
             self.provenance.sha256,
             self.image_size,
@@ -145,17 +151,15 @@ class SliceEncoder(nn.Module):
         if next(self.backbone.parameters()).device != device:
             self.backbone.to(device)
 
-    def get_extra_state(self) -> dict[str, str]:
-        """Saved with the state dict: which encoder weights the rest of the network was trained with."""
-        return {"source": self.provenance.source, "sha256": self.provenance.sha256}
+    def get_extra_state(self) -> dict[str, Any]:
+        """Saved with the state dict: which encoder the rest of the network was trained with (its weights and
+        the settings that change its output, see :class:`~scripts.networks.encoder_weights.EncoderProvenance`)."""
+        return self.provenance.record()
 
-    def set_extra_state(self, state: dict[str, str]) -> None:
-        """Refuse a checkpoint trained with other encoder weights than the ones loaded now."""
-        if state.get("sha256") != self.provenance.sha256:
-            raise EncoderMismatchError(
-                "The checkpoint was trained with slice-encoder weights "
-                f"{state.get('source')!r} (sha256 {str(state.get('sha256'))[:12]}...), but this network "
-                f"loaded {self.provenance.source!r} (sha256 {self.provenance.sha256[:12]}...). Its features "
-                f"would not match what the fusion layers learned: set dino_model={state.get('source')!r} "
-                "(and dino_config, if any) to load it."
-            )
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another encoder (other weights or settings) than the one loaded now.
+
+        Raises:
+            EncoderMismatchError: naming both encoders and what differs.
+        """
+        self.provenance.check_record(state)

@@ -16,14 +16,20 @@ def _label() -> np.ndarray:
     return label
 
 
-def test_empty_windows_are_exactly_those_without_foreground():
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_empty_windows_are_exactly_those_without_foreground(slice_axis):
     label, roi, grid = _label(), (16, 16, 16), 8
-    found = {tuple(s) for s in empty_window_starts(label > 0, roi, grid, slice_axis=2)}
+    found = {tuple(s) for s in empty_window_starts(label > 0, roi, grid, slice_axis=slice_axis)}
+    # every start along the slice axis, grid-aligned starts along the two in-plane axes
+    starts = [
+        range(n - 16 + 1) if axis == slice_axis else aligned_starts(n, 16, grid)
+        for axis, n in enumerate(label.shape)
+    ]
     brute = {
         (a, b, c)
-        for a in aligned_starts(40, 16, grid)
-        for b in aligned_starts(40, 16, grid)
-        for c in range(30 - 16 + 1)
+        for a in starts[0]
+        for b in starts[1]
+        for c in starts[2]
         if not label[a : a + 16, b : b + 16, c : c + 16].any()
     }
     assert found == brute and len(found) > 0
@@ -53,3 +59,34 @@ def test_empty_ratio_sets_the_share_of_background_only_crops(empty_ratio, expect
 def test_negative_empty_ratio_is_refused():
     with pytest.raises(ValueError, match="empty_ratio"):
         CacheAlignedRandCropByLabelClassesd(["label"], "label", (8, 8, 8), ratios=[1], empty_ratio=-1)
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_in_plane_starts_are_on_the_grid_and_the_slice_axis_start_is_free(slice_axis):
+    """Whatever axis slices are taken across, only the two in-plane starts snap to the cache grid."""
+    shape, roi, grid = (40, 48, 56), (16, 16, 16), 8
+    label = (np.random.default_rng(0).random(shape) < 0.05).astype(np.uint8)  # centres everywhere ...
+    label[:, :, 28:] = 0  # ... but in the upper half of the last axis: background-only windows there
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["label"],
+        "label",
+        roi,
+        ratios=[0, 1],
+        num_samples=200,
+        empty_ratio=1.0,
+        grid=grid,
+        slice_axis=slice_axis,
+    )
+    crop.set_random_state(0)
+    starts = np.array(crop.randomize(label))
+    centred = np.array([label[a : a + 16, b : b + 16, c : c + 16].any() for a, b, c in starts])
+    assert 0 < centred.sum() < len(starts)  # crops on a labelled voxel, and background-only windows
+    for axis, size in enumerate(shape):
+        aligned = np.isin(starts[:, axis], aligned_starts(size, 16, grid))
+        if axis == slice_axis:  # free for both kinds of crop
+            for kind in (centred, ~centred):
+                assert not aligned[kind].all() and len(np.unique(starts[kind, axis])) > size // grid
+        else:
+            assert aligned.all(), f"axis {axis} is in-plane for slice_axis={slice_axis}"
+    samples = crop({"label": torch.as_tensor(label[None])})
+    assert all(s["label"].shape == (1, *roi) for s in samples)
