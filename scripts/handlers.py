@@ -6,17 +6,21 @@ import csv
 import io
 import json
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
+from monai.data.utils import set_rnd
+from monai.handlers import CheckpointLoader
 
-from scripts.atomic_io import write_atomically
+from scripts.atomic_io import replace_atomically, write_atomically
 from scripts.metrics import DEFAULT_CLASSES, case_metrics, format_markdown_table, summarize
 
 logger = logging.getLogger(__name__)
@@ -191,22 +195,64 @@ class FinalValidation:
             self.validator.run(engine.state.epoch)
 
 
+class SeedEachEpoch:
+    """Reseed every random source of a training epoch from ``(seed, epoch, rank)`` as the epoch starts.
+
+    What an epoch draws (its random crops and flips, the order of ``DataLoader(shuffle=True)``, the seeds of
+    the loader's workers) then depends on the epoch alone, not on what the process ran before it, so a run
+    resumed after epoch N draws in epoch N + 1 what the uninterrupted run drew. ``DistributedSampler``
+    shuffles by epoch already. Each rank draws its own stream.
+
+    Args:
+        seed: base seed. Default None: ``torch.initial_seed()`` when attached, the seed that the configs'
+            ``monai.utils.set_determinism(seed=@seed)`` set in ``initialize``.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        if self.seed is None:
+            self.seed = torch.initial_seed()
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reseed)
+
+    def _reseed(self, engine: Engine) -> None:
+        entropy = [self.seed, engine.state.epoch, idist.get_rank()]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])  # < 2**32, as numpy requires
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        # the transforms' own random states, used in this process when num_workers == 0 (workers are
+        # seeded from torch's generator when the epoch's loader iterator starts, after this event)
+        dataset = getattr(engine.state.dataloader, "dataset", None)
+        if dataset is not None:
+            set_rnd(dataset, seed)
+
+
 class ResumeFrom:
     """Restore a resumable checkpoint into the trainer and ``load_dict`` when ``path`` is given.
 
     The engine it is attached to is restored as ``"trainer"`` (a config cannot name the trainer inside
-    the trainer's own handler list).
+    the trainer's own handler list). It also seeds every epoch (:class:`SeedEachEpoch`), with or without
+    ``path``: the run being resumed must have drawn its epochs the same way for the resumed one to repeat
+    them, and then resuming after epoch N gives the model, optimizer and scheduler that an uninterrupted
+    run has after every later epoch.
 
     Args:
         path: a checkpoint written by :class:`ResumableCheckpoint`, or None to start afresh.
         load_dict: the other objects to restore (network, optimizer, scheduler).
         map_location: as in ``torch.load``.
+        seed: :class:`SeedEachEpoch`'s base seed. Default None: the seed of ``set_determinism``.
     """
 
-    def __init__(self, path: str | None, load_dict: dict[str, Any], map_location: Any = None) -> None:
+    def __init__(
+        self, path: str | None, load_dict: dict[str, Any], map_location: Any = None, seed: int | None = None
+    ) -> None:
         self.path, self.load_dict, self.map_location = path, load_dict, map_location
+        self.seed_each_epoch = SeedEachEpoch(seed)
 
     def attach(self, engine: Engine) -> None:
+        self.seed_each_epoch.attach(engine)
         if not self.path:
             return
         if not Path(self.path).is_file():
@@ -218,8 +264,42 @@ class ResumeFrom:
         )
 
 
+class AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler that never leaves a run without a loadable checkpoint.
+
+    Each file is written aside and renamed into place (:func:`scripts.atomic_io.replace_atomically`), and
+    the files it supersedes are deleted only after that: ignite's ``Checkpoint`` asks for the old file's
+    removal *before* writing the new one, and a run killed in between would have nothing to resume from.
+    Only rank ``save_on_rank`` touches the disk.
+
+    Args:
+        dirname: folder of the checkpoints.
+        save_on_rank: the rank that writes. Default 0.
+    """
+
+    def __init__(self, dirname: str | Path, save_on_rank: int = 0) -> None:
+        self.dirname, self.save_on_rank = Path(dirname), save_on_rank
+        self._superseded: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        superseded, self._superseded = self._superseded, []
+        if idist.get_rank() != self.save_on_rank:
+            return
+        replace_atomically(self.dirname / filename, lambda tmp: torch.save(checkpoint, tmp))
+        logger.info("Saved checkpoint %s", self.dirname / filename)
+        for name in superseded:
+            if name != filename:
+                (self.dirname / name).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        self._superseded.append(filename)
+
+
 class ResumableCheckpoint:
     """Save ``save_dict`` plus the trainer's state every ``save_interval`` epochs (latest kept).
+
+    ``checkpoint_epoch=N.pt`` is written by rank 0 only, atomically, and replaces the previous one only once
+    it is complete (:class:`AtomicDiskSaver`): a run killed at any moment leaves a loadable checkpoint.
 
     Args:
         save_dir: folder of ``checkpoint_epoch=N.pt``.
@@ -231,10 +311,11 @@ class ResumableCheckpoint:
         self.save_dir, self.save_dict, self.save_interval = save_dir, save_dict, save_interval
 
     def attach(self, engine: Engine) -> None:
-        CheckpointSaver(
-            save_dir=self.save_dir,
-            save_dict={**self.save_dict, "trainer": engine},
-            save_interval=self.save_interval,
-            epoch_level=True,
+        checkpoint = Checkpoint(
+            to_save={**self.save_dict, "trainer": engine},
+            save_handler=AtomicDiskSaver(self.save_dir),
+            score_function=lambda trainer: trainer.state.epoch,
+            score_name="epoch",
             n_saved=1,
-        ).attach(engine)
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), checkpoint)

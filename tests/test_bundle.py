@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -69,20 +70,88 @@ def test_training_writes_best_and_resumable_checkpoints(trained):
     assert list((trained / "outputs" / "tensorboard").iterdir())
 
 
-def test_training_resumes_from_its_checkpoint(trained, tiny_dataset, tmp_path):
-    resume = workflow(
+def assert_same_state(actual, expected, where: str = "checkpoint") -> None:
+    """Nested state dicts equal bit for bit: same keys, same tensors (dtype, shape, values), same numbers."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), f"{where}: tensors differ"
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_state(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_state(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+@pytest.fixture(scope="module")
+def two_case_dataset(tiny_dataset, tmp_path_factory) -> Path:
+    """Two training cases (so shuffling matters, and each of two ranks trains on one) and two validation
+    cases, one of them vessel-free (so the two score differently: a rank's case alone is not the mean)."""
+    root = tmp_path_factory.mktemp("two_case_dataset")
+    entries = json.loads((tiny_dataset / "dataset.json").read_text())
+    for split in entries:
+        entries[split] = [{k: str(tiny_dataset / v) for k, v in e.items()} for e in entries[split]]
+    entries["training"].append(entries["test"][0])
+    rng = np.random.default_rng(7)
+    affine = np.diag([0.4, 0.4, 0.4, 1.0])
+    image = (50.0 + rng.normal(0, 20, (40, 40, 40))).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), root / "empty.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 40), np.uint8), affine), root / "empty_label.nii.gz")
+    entries["validation"].append(
+        {"image": str(root / "empty.nii.gz"), "label": str(root / "empty_label.nii.gz")}
+    )
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
+    two_case_dataset, tmp_path, monkeypatch
+):
+    """Killed while writing the epoch-2 checkpoint, then resumed from epoch 1: the same weights, optimizer,
+    scheduler and counters as two epochs straight, and the epoch-1 checkpoint survived the kill."""
+    settings = {"dataset_dir": str(two_case_dataset), "epochs": 2, "val_interval": 1}
+    straight = workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings)
+    straight.initialize()
+    straight.run()
+    straight.finalize()
+
+    real_save = torch.save
+
+    def killed_while_writing_epoch_2(obj, f, *args, **kwargs):
+        if "checkpoint_epoch=2" in str(f):
+            Path(f).write_bytes(b"the first bytes of a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    root = tmp_path / "interrupted"
+    interrupted = workflow(TRAIN, "train", bundle_root=str(root), **settings)
+    interrupted.initialize()
+    monkeypatch.setattr(torch, "save", killed_while_writing_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    monkeypatch.undo()
+    models = root / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
+
+    resumed = workflow(
         TRAIN,
         "train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(tiny_dataset),
-        epochs=2,
-        val_interval=1,
-        resume_checkpoint=str(trained / "models" / "checkpoint_epoch=1.pt"),
+        bundle_root=str(root),
+        resume_checkpoint=str(models / "checkpoint_epoch=1.pt"),
+        **settings,
     )
-    resume.initialize()
-    resume.run()
-    assert resume.trainer.state.epoch == 2 and resume.trainer.state.iteration == 2  # one new epoch, not two
-    resume.finalize()
+    resumed.initialize()
+    resumed.run()
+    resumed.finalize()
+    assert_same_state(
+        torch.load(models / "checkpoint_epoch=2.pt", weights_only=True),
+        torch.load(tmp_path / "straight" / "models" / "checkpoint_epoch=2.pt", weights_only=True),
+    )
 
 
 def test_evaluation_writes_per_case_and_summary(trained, tiny_dataset):
@@ -216,38 +285,187 @@ def test_lower_case_false_on_the_command_line_is_refused(key, tiny_dataset, tmp_
     assert not (tmp_path / "models" / "model.pt").exists()
 
 
-def test_multi_gpu_config_runs_two_gloo_processes(tiny_dataset, tmp_path):
-    """torchrun with 2 CPU processes: DDP over gloo; only rank 0 writes checkpoints and TensorBoard."""
-    data = tmp_path / "data"
-    data.mkdir()
-    entries = json.loads((tiny_dataset / "dataset.json").read_text())
-    for split in entries:
-        entries[split] = [{k: str(tiny_dataset / v) for k, v in e.items()} for e in entries[split]]
-    # two validation cases, so each of the two ranks validates one
-    write_tiny_case(data / "val2.nii.gz", data / "val2_label.nii.gz", seed=7)
-    entries["validation"].append(
-        {"image": str(data / "val2.nii.gz"), "label": str(data / "val2_label.nii.gz")}
-    )
-    entries["training"].append(entries["test"][0])
-    (data / "dataset.json").write_text(json.dumps(entries))
+# A torchrun worker that runs ``python -m monai.bundle`` and records, per process, what it did: its output
+# (rank<R>.log) and every file it wrote under RECORD_ROOT (rank<R>.json). With KILL_BEFORE_RENAME_TO set,
+# rank 0 is killed (SIGKILL, nothing cleaned up) just before it renames a file of that name into place.
+RANK_RECORDER = """
+import json, os, runpy, signal, sys
 
-    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(data), "epochs": 1}
+rank, records, root = os.environ["RANK"], os.environ["RECORD_DIR"], os.path.realpath(os.environ["RECORD_ROOT"])
+log = open(os.path.join(records, f"rank{rank}.log"), "w")
+os.dup2(log.fileno(), 1)
+os.dup2(log.fileno(), 2)
+written = set()
+
+
+def note(path):
+    if not isinstance(path, int):
+        path = os.path.realpath(os.fsdecode(path))
+        if path.startswith(root + os.sep):
+            written.add(os.path.relpath(path, root))
+
+
+def audit(event, args):
+    if event == "open" and args[0] is not None:
+        mode, flags = args[1], args[2] or 0
+        if any(c in mode for c in "wax+") if mode else flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            note(args[0])
+    elif event == "os.rename":
+        note(args[1])
+        if os.path.basename(str(args[1])) == os.environ.get("KILL_BEFORE_RENAME_TO") and rank == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+sys.addaudithook(audit)
+import torch
+
+save = torch.save
+
+
+def recorded_save(obj, f, *args, **kwargs):
+    if isinstance(f, str | bytes | os.PathLike):
+        note(f)
+    return save(obj, f, *args, **kwargs)
+
+
+torch.save = recorded_save
+sys.path[0] = os.getcwd()  # as python -m does
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+try:
+    runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+finally:
+    with open(os.path.join(records, f"rank{rank}.json"), "w") as out:
+        json.dump(sorted(written), out)
+"""
+
+
+def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: str = "", **overrides) -> dict:
+    """Train with ``configs/multi_gpu_train.yaml`` in two gloo processes, as the README's torchrun command
+    does. Returns the return code and, per rank, its output and the files it wrote under ``bundle_root``."""
+    bundle_root.parent.mkdir(parents=True, exist_ok=True)
+    records = Path(tempfile.mkdtemp(prefix=f"{bundle_root.name}_ranks_", dir=bundle_root.parent))
+    (records / "worker.py").write_text(RANK_RECORDER)
+    settings = {**TINY, "bundle_root": str(bundle_root), "dataset_dir": str(dataset), **overrides}
     configs = json.dumps([TRAIN, str(CONFIGS / "multi_gpu_train.yaml")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(records / "worker.py"),
+    ]
     command += ["run", "training", "--config_file", configs, "--meta_file", META, "--logging_file", LOGGING]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RECORD_DIR": str(records),
+        "RECORD_ROOT": str(bundle_root),
+        "KILL_BEFORE_RENAME_TO": kill_before_rename_to,
+    }
     result = subprocess.run(
-        command + cli_overrides(overrides),
+        command + cli_overrides(settings),
         cwd=BUNDLE_ROOT,
         capture_output=True,
         text=True,
         timeout=400,
         env=env,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "models" / "model.pt").is_file()
-    writers = {p.name.split(".")[4] for p in (tmp_path / "outputs" / "tensorboard").iterdir()}
-    assert len(writers) == 1  # one process (rank 0) wrote TensorBoard events
+    run = {"returncode": result.returncode, "launcher": result.stdout[-2000:] + result.stderr[-2000:]}
+    for rank in (0, 1):
+        log, written = records / f"rank{rank}.log", records / f"rank{rank}.json"
+        run[f"log{rank}"] = log.read_text() if log.is_file() else ""
+        run[f"wrote{rank}"] = set(json.loads(written.read_text())) if written.is_file() else None
+    run["report"] = f"{run['launcher']}\nrank 0:\n{run['log0'][-3000:]}\nrank 1:\n{run['log1'][-3000:]}"
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp_trained(two_case_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """A bundle root trained for two epochs by two gloo processes, and what each process did."""
+    root = tmp_path_factory.mktemp("ddp") / "straight"
+    run = torchrun_training(root, two_case_dataset, epochs=2, val_interval=1)
+    assert run["returncode"] == 0, run["report"]
+    return root, run
+
+
+def test_multi_gpu_training_writes_and_logs_from_rank_0_only(ddp_trained):
+    """Rank 0 writes the checkpoints, TensorBoard and the progress logs; rank 1 only shares the embedding
+    cache (content-addressed, written atomically)."""
+    _, run = ddp_trained
+    wrote0, wrote1 = run["wrote0"], run["wrote1"]
+    assert {"models/checkpoint_epoch=2.pt", "models/model.pt"} <= wrote0, sorted(wrote0)
+    assert any(p.startswith("outputs/tensorboard/events.out.tfevents.") for p in wrote0), sorted(wrote0)
+    assert wrote1 and all(p.startswith("outputs/embedding_cache/") for p in wrote1), sorted(wrote1)
+    for line in ("ETA", "train_loss", "val_mean_dice", "Saved checkpoint", "cache hit rate"):
+        assert line in run["log0"] and line not in run["log1"], line
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, list[float]] = {}
+    for events in sorted(log_dir.iterdir()):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return values
+
+
+def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_case_dataset, tmp_path):
+    """Each rank validates one case; the logged scores are those of one process validating both."""
+    root, _ = ddp_trained
+    logged = tensorboard_scalars(root / "outputs" / "tensorboard")
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(
+        {
+            **TINY,
+            "bundle_root": str(tmp_path),
+            "dataset_dir": str(two_case_dataset),
+            "embedding_cache_dir": str(root / "outputs" / "embedding_cache"),  # the very same slice features
+            "is_main_process": False,  # write nothing
+        }
+    )
+    checkpoint = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    parser.get_parsed_content("network").load_state_dict(checkpoint["model"])
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran
+    try:
+        evaluator.run()
+    finally:
+        torch.set_num_threads(threads)
+    per_case = evaluator.state.metric_details["val_score"].flatten().tolist()
+    assert len(per_case) == 2 and per_case[0] != per_case[1]  # so one rank's case alone would show
+    for name in ("val_score", "val_mean_dice", "val_vessel_dice", "val_aneurysm_dice"):
+        assert logged[name][-1] == pytest.approx(evaluator.state.metrics[name], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_multi_gpu_training_killed_and_resumed_ends_with_the_uninterrupted_model(
+    ddp_trained, two_case_dataset, tmp_path
+):
+    """Rank 0 killed while putting the epoch-2 checkpoint in place; resumed from epoch 1 by two processes,
+    the run ends with the weights, optimizer, scheduler and counters of the uninterrupted one."""
+    straight, _ = ddp_trained
+    root = tmp_path / "interrupted"
+    settings = {"epochs": 2, "val_interval": 1}
+    killed = torchrun_training(
+        root, two_case_dataset, kill_before_rename_to="checkpoint_epoch=2.pt", **settings
+    )
+    assert killed["returncode"] != 0, killed["report"]
+    models = root / "models"
+    assert not (models / "checkpoint_epoch=2.pt").exists()
+    assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 1
+
+    resume = str(models / "checkpoint_epoch=1.pt")
+    resumed = torchrun_training(root, two_case_dataset, resume_checkpoint=resume, **settings)
+    assert resumed["returncode"] == 0, resumed["report"]
+    assert_same_state(
+        torch.load(models / "checkpoint_epoch=2.pt", weights_only=True),
+        torch.load(straight / "models" / "checkpoint_epoch=2.pt", weights_only=True),
+    )
 
 
 def test_metadata_is_valid_for_the_model_zoo(tmp_path):

@@ -1,0 +1,110 @@
+"""Resume handlers on a tiny ignite engine: checkpoints that survive a kill, epochs that draw the same."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import DataLoader, Dataset
+from monai.transforms import Randomizable
+
+from scripts.handlers import ResumableCheckpoint, SeedEachEpoch
+
+
+def linear_trainer(save_dir: Path) -> tuple[Engine, torch.nn.Module]:
+    """An engine taking one SGD step of a 2 -> 1 linear model per item, checkpointing into ``save_dir``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(engine: Engine, batch: torch.Tensor) -> float:
+        optimizer.zero_grad()
+        loss = model(batch).square().mean()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    engine = Engine(step)
+    ResumableCheckpoint(str(save_dir), {"model": model, "optimizer": optimizer}).attach(engine)
+    return engine, model
+
+
+@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error):
+    engine, model = linear_trainer(tmp_path)
+    after_epoch_1 = {}
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED(once=1),
+        lambda _: after_epoch_1.update({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    real_save = torch.save
+
+    def fail_halfway(obj, f, *args, **kwargs):
+        if "checkpoint_epoch=2" not in str(f):
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") as handle:
+            handle.write(b"the first bytes of a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail_halfway)
+    with pytest.raises(type(error)):
+        engine.run([torch.ones(2)], max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_epoch=1.pt"]  # no half file, no temporary
+    checkpoint = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 1
+    torch.testing.assert_close(checkpoint["model"], after_epoch_1, rtol=0, atol=0)
+
+
+def test_checkpoint_replaces_the_previous_one(tmp_path):
+    engine, _ = linear_trainer(tmp_path)
+    engine.run([torch.ones(2)], max_epochs=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_epoch=3.pt"]
+
+
+def test_checkpoint_is_written_by_rank_0_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    engine, _ = linear_trainer(tmp_path)
+    engine.run([torch.ones(2)], max_epochs=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+class RandomDraw(Randomizable):
+    """A random transform as the crops are: it draws from its own ``self.R``."""
+
+    def randomize(self, data: object = None) -> None:
+        self.draw = self.R.rand()
+
+    def __call__(self, item: int) -> tuple[int, float]:
+        self.randomize()
+        return item, self.draw
+
+
+def epoch_draws(first_epoch: int, last_epoch: int) -> dict[int, list]:
+    """What each epoch draws from a random transform, a shuffling loader, torch, numpy and random, with the
+    engine started after ``first_epoch - 1`` epochs, as a resumed run is."""
+    torch.manual_seed(1)
+    loader = DataLoader(Dataset(list(range(4)), RandomDraw()), batch_size=1, shuffle=True)
+    draws: dict[int, list] = {}
+
+    def record(engine: Engine, batch: list) -> None:
+        item, draw = batch
+        sources = (item.item(), draw.item(), torch.rand(1).item(), np.random.rand(), random.random())
+        draws.setdefault(engine.state.epoch, []).append(sources)
+
+    engine = Engine(record)
+    SeedEachEpoch(seed=3).attach(engine)
+    engine.load_state_dict({"epoch": first_epoch - 1, "max_epochs": last_epoch, "epoch_length": len(loader)})
+    engine.run(loader)
+    assert sorted(draws) == list(range(first_epoch, last_epoch + 1))
+    return draws
+
+
+def test_an_epoch_draws_the_same_whether_or_not_the_run_was_resumed():
+    straight, resumed = epoch_draws(1, 3), epoch_draws(3, 3)
+    assert resumed[3] == straight[3]
+    assert straight[2] != straight[3]  # still random from epoch to epoch
