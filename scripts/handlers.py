@@ -233,26 +233,19 @@ class ResumeFrom:
     """Restore a resumable checkpoint into the trainer and ``load_dict`` when ``path`` is given.
 
     The engine it is attached to is restored as ``"trainer"`` (a config cannot name the trainer inside
-    the trainer's own handler list). It also seeds every epoch (:class:`SeedEachEpoch`), with or without
-    ``path``: the run being resumed must have drawn its epochs the same way for the resumed one to repeat
-    them, and then resuming after epoch N gives the model, optimizer and scheduler that an uninterrupted
-    run has after every later epoch.
+    the trainer's own handler list). With :class:`SeedEachEpoch` attached as well, resuming after epoch N
+    gives the model, optimizer and scheduler that an uninterrupted run has after every later epoch.
 
     Args:
         path: a checkpoint written by :class:`ResumableCheckpoint`, or None to start afresh.
         load_dict: the other objects to restore (network, optimizer, scheduler).
         map_location: as in ``torch.load``.
-        seed: :class:`SeedEachEpoch`'s base seed. Default None: the seed of ``set_determinism``.
     """
 
-    def __init__(
-        self, path: str | None, load_dict: dict[str, Any], map_location: Any = None, seed: int | None = None
-    ) -> None:
+    def __init__(self, path: str | None, load_dict: dict[str, Any], map_location: Any = None) -> None:
         self.path, self.load_dict, self.map_location = path, load_dict, map_location
-        self.seed_each_epoch = SeedEachEpoch(seed)
 
     def attach(self, engine: Engine) -> None:
-        self.seed_each_epoch.attach(engine)
         if not self.path:
             return
         if not Path(self.path).is_file():
