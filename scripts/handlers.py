@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import random
 import time
@@ -20,8 +17,9 @@ from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
 
-from scripts.atomic_io import replace_atomically, write_atomically
-from scripts.metrics import DEFAULT_CLASSES, case_metrics, format_markdown_table, summarize
+from scripts.atomic_io import replace_atomically
+from scripts.evaluation_report import write_evaluation
+from scripts.metrics import DEFAULT_CLASSES, case_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -155,21 +153,7 @@ class SegmentationMetricsWriter:
             )
 
     def _write(self, engine: Engine) -> None:
-        summary = summarize(self.records)
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(self.records[0]))
-        writer.writeheader()
-        writer.writerows(self.records)
-        write_atomically(self.output_dir / "per_case.csv", table.getvalue())
-        write_atomically(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-        write_atomically(self.output_dir / "summary.md", format_markdown_table(summary) + "\n")
-        engine.state.metrics["summary"] = summary
-        logger.info(
-            "Evaluation of %d cases written to %s\n%s",
-            len(self.records),
-            self.output_dir,
-            format_markdown_table(summary),
-        )
+        engine.state.metrics["summary"] = write_evaluation(self.records, self.output_dir)
 
 
 class FinalValidation:
