@@ -1,18 +1,24 @@
-"""The ablation / cross-centre study on the micro budget with a tiny random encoder: files, resume, refusals."""
+"""The ablation / cross-centre study on the micro budget with a tiny random encoder: files, resume, refusals,
+and the optional nnU-Net row (skipped without ``nnunetv2``; with a stand-in for nnU-Net otherwise)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
 
-from scripts import study
+from scripts import nnunet_baseline, study
+from scripts.data.datalist import load_split
+from scripts.evaluation_report import write_evaluation
 from scripts.metrics import case_metrics, format_mean_std, summarize
 from scripts.networks import EncoderWeightsError
 
@@ -67,7 +73,10 @@ def table_cells(text: str, label: str) -> list[str]:
 def test_study_config_has_the_paper_rows_and_three_budgets():
     config = study.load_study_config()
     assert list(config.rows) == PAPER_ROWS
+    assert config.external_rows == ("nnunet",) and config.labels["nnunet"] == "nnU-Net (3d_fullres)"
+    assert study.plan_study("micro").selected == [*PAPER_ROWS, "nnunet"]  # in the default selection
     assert {"micro", "cpu", "full"} <= set(config.budgets)
+    assert all(budget.nnunet_minutes > 0 for budget in config.budgets.values())
     assert config.train_centre == "A" and config.test_centres == ("A", "B", "C")
     for budget in config.budgets.values():
         for row in PAPER_ROWS:  # every row resolves in every budget
@@ -81,7 +90,10 @@ def test_precedence_budget_then_command_then_overrides_then_row():
     assert settings["full"]["dino_model"] == "random"  # overrides beat --dino_model
     assert settings["random_features"]["dino_model"] == "random:1"  # the row decides its weights
     assert settings["dinov2_small"]["dino_model"] == "/w/dinov2"  # <dinov2_model>
-    assert all(s["dino_config"] == TINY_DINOV3 and s["seed"] == 3 for s in settings.values())
+    assert all(
+        settings[row]["dino_config"] == TINY_DINOV3 and settings[row]["seed"] == 3 for row in PAPER_ROWS
+    )
+    assert settings["nnunet"] == {"method": "nnunet", "budget_minutes": 0.5}  # no override reaches it
     assert settings["plain_unet"]["use_dino"] is False and settings["full"]["roi_size"] == [32, 32, 32]
     assert study.plan_study("micro").settings["full"]["dino_model"] == study.DEFAULT_DINO_MODEL
     over = study.plan_study("micro", overrides={"epochs": 2, "roi_size": [16, 16, 16]}).settings["full"]
@@ -199,7 +211,11 @@ def assert_results_agree_with_row_files(output: Path) -> None:
             assert line["detection_sensitivity"] == ""  # no sensitivity without a true aneurysm, never NaN
         assert float(line["detection_fp_per_case"]) == pytest.approx(false_positives / len(cases), abs=1e-6)
         assert done["centres"][centre]["summary"] == summary, what
-        assert int(line["trainable_params"]) == done["trainable_params"], what
+        if done["trainable_params"] is None:  # not counted (nnU-Net)
+            assert line["trainable_params"] == "", what
+        else:
+            assert int(line["trainable_params"]) == done["trainable_params"], what
+        assert line["skip_reason"] == "", what
         assert float(line["train_seconds"]) == pytest.approx(done["train_seconds"], abs=0.051)
         assert float(line["eval_seconds"]) == pytest.approx(
             done["centres"][centre]["eval_seconds"], abs=0.051
@@ -321,3 +337,120 @@ def test_an_output_dir_stays_bound_to_its_data(micro_study, tmp_path):
     shutil.copytree(micro_study, output)
     with pytest.raises(ValueError, match="seed"):
         study.main(str(output), budget="micro", rows="plain_unet", seed=1, overrides=TINY)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda raw: raw["budgets"]["micro"].pop("nnunet_minutes"), "nnunet_minutes"),
+        (lambda raw: raw["budgets"]["cpu"].update(nnunet_minutes=0), "nnunet_minutes"),
+        (lambda raw: raw.update(external_rows=["nnunet", "swin_unetr"]), "external_rows"),
+        (lambda raw: raw["rows"].update(nnunet={}), "twice"),
+    ],
+)
+def test_bad_external_rows_are_refused_naming_the_file(tmp_path, edit, match):
+    raw = yaml.safe_load(study.plan.STUDY_CONFIG.read_text())
+    edit(raw)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=rf"study\.yaml.*{match}"):
+        study.load_study_config(path)
+
+
+def test_without_nnunetv2_the_nnunet_row_is_skipped_with_the_reason(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # `import nnunetv2` raises ImportError
+
+    def never(*args, **kwargs):
+        raise AssertionError("run_nnunet was called without nnunetv2")
+
+    monkeypatch.setattr(nnunet_baseline, "run_nnunet", never)
+    output = tmp_path / "study"
+    with caplog.at_level(logging.WARNING, logger="scripts.study"):
+        tables = study.main(str(output), budget="micro", rows="nnunet")  # only nnunet: still no error
+    reason = "nnunetv2 is not installed"
+    assert any(reason in r.getMessage() and "pip install" in r.getMessage() for r in caplog.records)
+    assert not (output / "data").exists() and not (output / "rows").exists()  # nothing to run: no data
+
+    lines = read_csv(output / "results.csv")
+    assert [(line["row"], line["centre"]) for line in lines] == [("nnunet", c) for c in "ABC"]
+    for line in lines:
+        assert reason in line["skip_reason"] and "pip install" in line["skip_reason"]
+        assert line["aneurysm_dice_mean"] == line["n_cases"] == ""  # no figures
+    for name in ("ablation.md", "cross_centre.md"):
+        text = (output / name).read_text()
+        assert table_line(text, "nnU-Net (3d_fullres)").startswith(
+            f"| nnU-Net (3d_fullres) | skipped: {reason}"
+        )
+        assert table_line(text, "Plain U-Net").startswith("| Plain U-Net | not run |")  # not selected
+        assert text in tables
+
+
+def fake_run_nnunet(calls: list[dict]):
+    """A stand-in for :func:`scripts.nnunet_baseline.run_nnunet`: writes each test datalist's evaluation
+    (one scored record per test case, different for every centre) into ``work_dir/eval_<name>``, as the real
+    one does, and returns a summary of the real one's form; ``calls`` gets its arguments."""
+
+    def run_nnunet(work_dir, train_dataset_dir, test_datalists, **kwargs):
+        calls.append({"work_dir": work_dir, "train_dataset_dir": train_dataset_dir, **kwargs})
+        calls[-1]["test_datalists"] = dict(test_datalists)
+        test = {}
+        for index, (name, datalist) in enumerate(test_datalists.items()):
+            cases = scored_cases(len(ROWS), index)
+            records = [
+                {**cases[i % len(cases)], "case": Path(entry["label"]).name}
+                for i, entry in enumerate(load_split(datalist, "test"))
+            ]
+            summary = write_evaluation(records, Path(work_dir) / f"eval_{name}")
+            test[name] = {"prediction_s": 0.5 + index, "summary": summary}
+        training = {"epochs": 1, "iterations": 10, "seconds": 2.0}
+        return {
+            "budget_minutes": kwargs["budget_minutes"],
+            "preprocessing_s": 1.0,
+            "training": training,
+            "use_mirroring": False,
+            "test": test,
+        }
+
+    return run_nnunet
+
+
+def test_the_nnunet_row_trains_on_the_training_centre_and_is_scored_like_the_others(
+    micro_study, tmp_path, monkeypatch, train_calls
+):
+    output = tmp_path / "study"
+    shutil.copytree(micro_study, output)
+    calls: list[dict] = []
+    monkeypatch.setattr(nnunet_baseline, "require_nnunet", lambda: None)  # "installed"
+    monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_run_nnunet(calls))
+    study.main(str(output), budget="micro", rows="plain_unet,nnunet", overrides=TINY)
+
+    config = study.load_study_config()
+    data = output.resolve() / "data"
+    assert calls == [
+        {
+            "work_dir": output.resolve() / "rows" / "nnunet",
+            "train_dataset_dir": str(data / "A"),
+            "test_datalists": {c: str(data / c / "dataset.json") for c in "ABC"},
+            "budget_minutes": config.budgets["micro"].nnunet_minutes,
+        }
+    ]
+    assert train_calls == []  # plain_unet was finished; nnunet is not train.yaml
+
+    lines = [line for line in read_csv(output / "results.csv") if line["row"] == "nnunet"]
+    assert [line["centre"] for line in lines] == list("ABC")
+    for line in lines:
+        assert (line["encoder_source"], line["encoder_sha256"], line["encoder_is_random"]) == (
+            "none",
+            "",
+            "False",
+        )
+        assert float(line["train_seconds"]) == 3.0 and line["trainable_params"] == ""
+    assert [float(line["eval_seconds"]) for line in lines] == [0.5, 1.5, 2.5]
+    assert_results_agree_with_row_files(output)  # its lines and table cells are its eval_<centre> files
+    ablation = (output / "ablation.md").read_text()
+    assert table_line(ablation, "nnU-Net (3d_fullres) |").endswith("| 3 s |")
+    assert "nnU-Net (3d_fullres): nnU-Net v2's own pipeline" in ablation
+    assert "nnU-Net (3d_fullres)" in (output / "cross_centre.md").read_text()
+
+    study.main(str(output), budget="micro", rows="nnunet", overrides=TINY)
+    assert len(calls) == 1  # finished: reused, not rerun

@@ -16,6 +16,12 @@ winning: the budget's ``config``, ``dino_model`` and ``seed`` from the command, 
 own overrides; then the study's own keys (data location, scored split, output folders), which nothing
 else may set.
 
+The ``nnunet`` row (``external_rows`` in study.yaml) is another method, not ``train.yaml``: nnU-Net v2's
+``3d_fullres`` default trainer (:mod:`scripts.nnunet_baseline`) on the same training centre's dataset for
+the budget's ``nnunet_minutes`` of wall clock, scored on the same test splits with the same metrics
+(:mod:`scripts.score`). ``nnunetv2`` is optional: without it a selected ``nnunet`` row is skipped with a
+warning saying why and how to install it, and the tables and ``results.csv`` show it as skipped.
+
 What keeps the numbers honest:
 
 * One set of data for every row: the training centre's dataset and every test centre's dataset are
@@ -39,7 +45,8 @@ Layout of ``output_dir``::
     rows/<row>/models/             model.pt (best validation Dice) and the resumable checkpoint
     rows/<row>/eval_<centre>/      per_case.csv, summary.json, summary.md
     rows/<row>/done.json           written last: settings, encoder, timings and summaries of the row
-    results.csv                    one line per (row, centre)
+    rows/nnunet/nnUNet_*/          nnU-Net's own raw, preprocessed and results folders (nnunet row)
+    results.csv                    one line per (row, centre), skipped rows with the reason
     ablation.md, cross_centre.md   the paper's two tables, rebuilt from every finished row
 
 Resume: rerun the same command. Finished rows (with ``done.json``) are skipped; an unfinished row's
@@ -47,8 +54,8 @@ folder is deleted and the row redone from the start.
 
 The package, one job per module: :mod:`scripts.study.plan` (``configs/study.yaml``, every row's settings,
 the encoder check), :mod:`scripts.study.run` (the data, training and evaluating a row, ``done.json``,
-resume), :mod:`scripts.study.tables` (``results.csv`` and the two tables); :func:`main` here ties them
-together, and ``__main__`` is the command.
+resume), :mod:`scripts.study.nnunet` (the nnU-Net row), :mod:`scripts.study.tables` (``results.csv`` and the
+two tables); :func:`main` here ties them together, and ``__main__`` is the command.
 """
 
 from __future__ import annotations
@@ -60,8 +67,10 @@ from typing import Any
 
 from scripts.networks import DEFAULT_DINO_MODEL
 
+from .nnunet import run_nnunet_row, unavailable_reason
 from .plan import (
     DEFAULT_DINOV2_MODEL,
+    EXTERNAL_ROWS,
     Budget,
     StudyConfig,
     StudyPlan,
@@ -76,6 +85,7 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_DINOV2_MODEL",
     "DEFAULT_DINO_MODEL",
+    "EXTERNAL_ROWS",
     "Budget",
     "StudyConfig",
     "StudyPlan",
@@ -85,7 +95,9 @@ __all__ = [
     "load_study_config",
     "main",
     "plan_study",
+    "run_nnunet_row",
     "train_row",
+    "unavailable_reason",
     "write_tables",
 ]
 
@@ -107,8 +119,9 @@ def main(
         output_dir: the study folder (see the module docstring); rerun with the same one to resume.
         budget: a budget of ``configs/study.yaml``: ``micro`` (tests), ``cpu`` (well under an hour on a 2-core
             CPU), ``full`` (the paper's GPU schedule). Default ``cpu``.
-        rows: rows to run, comma-separated or a list; default all. Finished rows that are not selected
-            still appear in the tables.
+        rows: rows to run, comma-separated or a list; default all (``nnunet`` included). Finished rows that
+            are not selected still appear in the tables. A selected ``nnunet`` row without ``nnunetv2``
+            installed is skipped, with a warning and in the tables, saying why and how to install it.
         dino_model: encoder weights of every row that does not name its own (hub id, local folder, Meta
             ``.pth``, or ``random[:SEED]``); ``<dino_model>`` in study.yaml. Default DINOv3 ViT-S/16.
         dinov2_model: ``<dinov2_model>`` in study.yaml (the DINOv2-small row). Default
@@ -128,19 +141,34 @@ def main(
     output = Path(output_dir).expanduser().resolve()
     _bind_output_dir(output, plan, write=False)
     finished = {row: _finished(output, plan, row) is not None for row in plan.selected}
-    to_run = [row for row in plan.selected if not finished[row]]
+    skipped = _unavailable([row for row in plan.selected if not finished[row]], plan)
+    to_run = [row for row in plan.selected if not finished[row] and row not in skipped]
     encoders = check_encoders(plan, to_run)
 
     output.mkdir(parents=True, exist_ok=True)
     _bind_output_dir(output, plan, write=True)
-    datasets = _prepare_data(output, plan)
+    datasets = _prepare_data(output, plan) if to_run else {}
     for index, row in enumerate(plan.selected, start=1):
-        if finished[row]:
-            logger.info("row %d/%d %s: finished earlier, skipped", index, len(plan.selected), row)
+        if finished[row] or row in skipped:
+            why = "finished earlier" if finished[row] else "cannot run here (see the warning above)"
+            logger.info("row %d/%d %s: %s, skipped", index, len(plan.selected), row, why)
             continue
         logger.info("row %d/%d %s", index, len(plan.selected), row)
-        _run_row(output, plan, row, datasets, encoders[row])
-        write_tables(output, plan, warn=False)
-    tables = write_tables(output, plan)
+        if plan.is_external(row):
+            run_nnunet_row(output, plan, row, datasets)
+        else:
+            _run_row(output, plan, row, datasets, encoders[row])
+        write_tables(output, plan, warn=False, skipped=skipped)
+    tables = write_tables(output, plan, skipped=skipped)
     logger.info("study written to %s", output)
     return tables
+
+
+def _unavailable(rows: Sequence[str], plan: StudyPlan) -> dict[str, str]:
+    """Row -> why it cannot run here, for the external rows among ``rows`` whose package is missing (logged)."""
+    skipped = {}
+    for row in rows:
+        if plan.is_external(row) and (reason := unavailable_reason()) is not None:
+            logger.warning("row %s is skipped (the tables say so): %s", row, reason)
+            skipped[row] = reason
+    return skipped

@@ -24,6 +24,7 @@ from scripts.networks import load_encoder as _load_encoder
 
 __all__ = [
     "DEFAULT_DINOV2_MODEL",
+    "EXTERNAL_ROWS",
     "Budget",
     "StudyConfig",
     "StudyPlan",
@@ -64,6 +65,9 @@ RESERVED_KEYS = frozenset(
 RESERVED_SECTIONS = frozenset(
     {"datalist", "validate", "evaluate", "initialize", "run", "finalize", "training", "evaluating"}
 )
+# Rows ``external_rows`` of study.yaml may name: another method than train.yaml, each run by its own module
+# on the same data and scored the same way. nnunet: nnU-Net v2 (:mod:`scripts.study.nnunet`).
+EXTERNAL_ROWS = ("nnunet",)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,12 +83,14 @@ class Budget:
         cases: centre -> number of synthetic phantoms generated for it (>= 3).
         config: overrides of ``train.yaml``, for training and evaluation alike.
         config_files: override files stacked on ``train.yaml``, relative to the bundle root.
+        nnunet_minutes: wall clock of the ``nnunet`` row (preprocessing and training), None without that row.
     """
 
     name: str
     cases: dict[str, int]
     config: dict[str, Any]
     config_files: tuple[str, ...] = ()
+    nnunet_minutes: float | None = None
 
     def config_paths(self) -> list[Path]:
         return [BUNDLE_ROOT / f for f in self.config_files]
@@ -92,18 +98,30 @@ class Budget:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """``configs/study.yaml``: centres, rows (name -> overrides), their labels, budgets."""
+    """``configs/study.yaml``: centres, rows (name -> overrides), external rows, their labels, budgets.
+
+    Attributes:
+        rows: the rows that are ``train.yaml`` with overrides: name -> overrides.
+        external_rows: the rows that are another method (names of :data:`EXTERNAL_ROWS`), after ``rows``
+            in the tables.
+    """
 
     train_centre: str
     test_centres: tuple[str, ...]
     rows: dict[str, dict[str, Any]]
     labels: dict[str, str]
     budgets: dict[str, Budget]
+    external_rows: tuple[str, ...] = ()
 
     @property
     def centres(self) -> list[str]:
         """Every centre with a dataset: the training centre first."""
         return list(dict.fromkeys([self.train_centre, *self.test_centres]))
+
+    @property
+    def all_rows(self) -> list[str]:
+        """Every row in table order: ``rows``, then ``external_rows``."""
+        return [*self.rows, *self.external_rows]
 
 
 def _check_keys(where: str, overrides: Mapping[str, Any]) -> None:
@@ -150,7 +168,8 @@ def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
                 f"{path}: row name {name!r} must be a letter followed by letters, digits, _ or -."
             )
         _check_keys(f"{path}: row {name!r}", overrides or {})
-    labels = {name: str((raw.get("labels") or {}).get(name, name)) for name in rows}
+    external = _external_rows(path, raw.get("external_rows"), rows)
+    labels = {name: str((raw.get("labels") or {}).get(name, name)) for name in [*rows, *external]}
 
     budgets: dict[str, Budget] = {}
     for name, entry in (raw["budgets"] or {}).items():
@@ -168,7 +187,20 @@ def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
         for file in files:
             if not (BUNDLE_ROOT / file).is_file():
                 raise ValueError(f"{where}: config file {file!r} not found under {BUNDLE_ROOT}.")
-        budgets[name] = Budget(name=name, cases=cases, config=config, config_files=files)
+        minutes = entry.get("nnunet_minutes")
+        if "nnunet" in external and (
+            isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
+        ):
+            raise ValueError(
+                f"{where}: nnunet_minutes (the nnunet row's wall clock) must be > 0, got {minutes!r}."
+            )
+        budgets[name] = Budget(
+            name=name,
+            cases=cases,
+            config=config,
+            config_files=files,
+            nnunet_minutes=float(minutes) if "nnunet" in external else None,
+        )
     if not budgets:
         raise ValueError(f"{path}: no budgets.")
     return StudyConfig(
@@ -177,7 +209,22 @@ def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
         rows={name: dict(overrides or {}) for name, overrides in rows.items()},
         labels=labels,
         budgets=budgets,
+        external_rows=external,
     )
+
+
+def _external_rows(path: Path, external: Any, rows: Mapping[str, Any]) -> tuple[str, ...]:
+    """Check ``external_rows``: a list of names of :data:`EXTERNAL_ROWS`, none of them also in ``rows``."""
+    if external is None:
+        return ()
+    if not isinstance(external, list) or any(name not in EXTERNAL_ROWS for name in external):
+        raise ValueError(
+            f"{path}: 'external_rows' must be a list of rows of {list(EXTERNAL_ROWS)}, got {external!r}."
+        )
+    both = sorted(set(external) & set(rows))
+    if both or len(set(external)) != len(external):
+        raise ValueError(f"{path}: 'external_rows' names {both or external} twice.")
+    return tuple(external)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,9 +241,9 @@ class StudyPlan:
         seed: training seed; the dataset seeds derive from it.
         selected: the rows to run (study.yaml order).
         settings: row -> its overrides for every workflow, for *all* rows (finished rows are reused only
-            when theirs equal these).
+            when theirs equal these); an external row's are its method and its budget's wall clock.
         effective: row -> ``use_dino``, ``dino_model``, ``dino_config``, ``epochs``, ``val_interval`` as the
-            bundle config resolves them.
+            bundle config resolves them (selected rows of ``train.yaml`` only).
     """
 
     config: StudyConfig
@@ -214,17 +261,25 @@ class StudyPlan:
     def evaluate_files(self) -> list[Path]:
         return [*self.train_files, EVALUATE_CONFIG]
 
+    def is_external(self, row: str) -> bool:
+        """Whether ``row`` is another method (``external_rows``), not ``train.yaml`` with overrides."""
+        return row in self.config.external_rows
+
+    def row_config_files(self, row: str) -> list[Path]:
+        """The bundle config files ``row`` is trained and evaluated with (none for an external row)."""
+        return [] if self.is_external(row) else self.evaluate_files
+
 
 def _parse_rows(rows: str | Sequence[str] | None, config: StudyConfig) -> list[str]:
     """``"a,b"`` (or what ``fire`` makes of it: a tuple), a list, or None (all rows) -> names in study order."""
     if rows is None:
-        return list(config.rows)
+        return config.all_rows
     names = [r.strip() for r in rows.split(",")] if isinstance(rows, str) else [str(r).strip() for r in rows]
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in config.rows]
+    unknown = [n for n in names if n not in config.all_rows]
     if unknown or not names:
-        raise ValueError(f"rows must name rows of configs/study.yaml {list(config.rows)}, got {rows!r}.")
-    return [n for n in config.rows if n in names]
+        raise ValueError(f"rows must name rows of configs/study.yaml {config.all_rows}, got {rows!r}.")
+    return [n for n in config.all_rows if n in names]
 
 
 def _substitute(value: Any, placeholders: Mapping[str, Any], where: str) -> Any:
@@ -280,7 +335,8 @@ def plan_study(
 
     A row's settings are, later ones winning: the budget's ``config``; ``dino_model`` and ``seed`` from the
     arguments; ``overrides``; the row's own overrides. ``"<dino_model>"`` and ``"<dinov2_model>"`` anywhere
-    in them stand for the arguments of those names.
+    in them stand for the arguments of those names. An external row's settings are its method and the
+    budget's wall clock for it (``{"method": "nnunet", "budget_minutes": ...}``); no override reaches it.
 
     Raises:
         ValueError: an unknown budget or row, a reserved key in ``overrides``, an unknown placeholder, a
@@ -299,7 +355,11 @@ def plan_study(
     for row, row_overrides in config.rows.items():
         merged = {**chosen.config, "dino_model": dino_model, **user, **row_overrides, "seed": seed}
         plan.settings[row] = _json_normal(_substitute(merged, placeholders, f"row {row!r}"))
+    for row in config.external_rows:  # only nnunet exists (EXTERNAL_ROWS)
+        plan.settings[row] = {"method": row, "budget_minutes": chosen.nnunet_minutes}
     for row in plan.selected:
+        if plan.is_external(row):
+            continue
         effective = _effective_settings(plan.train_files, plan.settings[row])
         if effective["val_interval"] > effective["epochs"]:
             raise ValueError(
@@ -317,15 +377,20 @@ def plan_study(
 def check_encoders(plan: StudyPlan, rows: Sequence[str]) -> dict[str, EncoderProvenance | None]:
     """Load every encoder ``rows`` need (each distinct one once); return row -> provenance (None: no encoder).
 
+    An external row (another method) has no encoder.
+
     Raises:
         EncoderWeightsError: an encoder cannot be loaded; the message names the rows that need it, the
             loader's explanation of how to get the weights, and how to leave those rows out.
     """
+    keys = {
+        row: json.dumps([plan.effective[row]["dino_model"], plan.effective[row]["dino_config"]])
+        for row in rows
+        if not plan.is_external(row) and plan.effective[row]["use_dino"]
+    }
     needed: dict[str, list[str]] = {}
-    for row in rows:
-        if plan.effective[row]["use_dino"]:
-            key = json.dumps([plan.effective[row]["dino_model"], plan.effective[row]["dino_config"]])
-            needed.setdefault(key, []).append(row)
+    for row, key in keys.items():
+        needed.setdefault(key, []).append(row)
     loaded: dict[str, EncoderProvenance] = {}
     for key, users in needed.items():
         dino_model, dino_config = json.loads(key)
@@ -346,9 +411,4 @@ def check_encoders(plan: StudyPlan, rows: Sequence[str]) -> dict[str, EncoderPro
             "RANDOM weights" if loaded[key].is_random else "pretrained weights",
             loaded[key].sha256[:12],
         )
-    return {
-        row: loaded[json.dumps([plan.effective[row]["dino_model"], plan.effective[row]["dino_config"]])]
-        if plan.effective[row]["use_dino"]
-        else None
-        for row in rows
-    }
+    return {row: loaded[keys[row]] if row in keys else None for row in rows}

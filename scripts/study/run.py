@@ -164,6 +164,15 @@ def evaluate_row(
     seconds = time.perf_counter() - start
     del workflow
     gc.collect()
+    return _scored(eval_dir, dataset_dir, seconds)
+
+
+def _scored(eval_dir: Path, dataset_dir: Path, seconds: float) -> dict[str, Any]:
+    """``eval_dir/summary.json`` with its n and seconds, once n is checked to be the test split's size.
+
+    Raises:
+        RuntimeError: another number of cases was scored than ``dataset_dir``'s test split holds.
+    """
     summary = json.loads((eval_dir / "summary.json").read_text())
     expected = _test_cases(dataset_dir)
     if summary["n_cases"] != expected:
@@ -189,6 +198,50 @@ def _config_hashes(files: Sequence[Path]) -> dict[str, str]:
     return {str(f.relative_to(BUNDLE_ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
 
 
+def _fresh_row_dir(output_dir: Path, row: str) -> Path:
+    """``rows/<row>/``, emptied: an unfinished (or outdated) run of the row is deleted, never continued."""
+    row_dir = output_dir / "rows" / row
+    if row_dir.exists():
+        logger.info("row %s: removing its unfinished (or outdated) run in %s; redoing it", row, row_dir)
+        shutil.rmtree(row_dir)
+    row_dir.mkdir(parents=True)
+    return row_dir
+
+
+def _write_done(
+    row_dir: Path,
+    plan: StudyPlan,
+    row: str,
+    encoder: Mapping[str, Any] | None,
+    trained: Mapping[str, Any],
+    centres: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Write the row's ``done.json`` (last, atomically): what :func:`_finished` and the tables read back.
+
+    Args:
+        encoder: the encoder read back from the scored checkpoint (None: no encoder).
+        trained: ``train_seconds`` and ``trainable_params`` (None where unknown).
+        centres: test centre -> ``n_cases``, ``eval_seconds`` and ``summary``.
+    """
+    files = plan.row_config_files(row)
+    record = {
+        "version": STUDY_VERSION,
+        "row": row,
+        "budget": plan.budget.name,
+        "seed": plan.seed,
+        "settings": plan.settings[row],
+        "config_files": [str(f.relative_to(BUNDLE_ROOT)) for f in files],
+        "config_sha256": _config_hashes(files),
+        "encoder": encoder,
+        **trained,
+        "eval_seconds": sum(c["eval_seconds"] for c in centres.values()),
+        "centres": dict(centres),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomically(row_dir / "done.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def _run_row(
     output_dir: Path,
     plan: StudyPlan,
@@ -196,12 +249,9 @@ def _run_row(
     datasets: Mapping[str, Path],
     expected_encoder: EncoderProvenance | None,
 ) -> dict[str, Any]:
-    row_dir = output_dir / "rows" / row
+    """Train a row of ``train.yaml`` with overrides on the training centre, evaluate it on every test centre."""
+    row_dir = _fresh_row_dir(output_dir, row)
     cache_dir = output_dir / "embedding_cache"
-    if row_dir.exists():
-        logger.info("row %s: removing its unfinished (or outdated) run in %s; redoing it", row, row_dir)
-        shutil.rmtree(row_dir)
-    row_dir.mkdir(parents=True)
     settings = plan.settings[row]
     logger.info("row %s: training on centre %s (%s)", row, plan.config.train_centre, settings)
     trained = train_row(row_dir, plan.train_files, settings, datasets[plan.config.train_centre], cache_dir)
@@ -232,22 +282,7 @@ def _run_row(
             centres[centre]["n_cases"],
             centres[centre]["eval_seconds"],
         )
-    record = {
-        "version": STUDY_VERSION,
-        "row": row,
-        "budget": plan.budget.name,
-        "seed": plan.seed,
-        "settings": settings,
-        "config_files": [str(f.relative_to(BUNDLE_ROOT)) for f in plan.evaluate_files],
-        "config_sha256": _config_hashes(plan.evaluate_files),
-        "encoder": encoder,
-        **trained,
-        "eval_seconds": sum(c["eval_seconds"] for c in centres.values()),
-        "centres": centres,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_atomically(row_dir / "done.json", json.dumps(record, indent=2) + "\n")
-    return record
+    return _write_done(row_dir, plan, row, encoder, trained, centres)
 
 
 def _finished(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) -> dict[str, Any] | None:
@@ -265,7 +300,8 @@ def _finished(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) ->
         and record.get("budget") == plan.budget.name
         and record.get("seed") == plan.seed
         and record.get("settings") == plan.settings[row]
-        and record.get("config_files") == [str(f.relative_to(BUNDLE_ROOT)) for f in plan.evaluate_files]
+        and record.get("config_files")
+        == [str(f.relative_to(BUNDLE_ROOT)) for f in plan.row_config_files(row)]
         and set(record.get("centres", {})) == set(plan.config.test_centres)
     )
     if not same:
@@ -280,7 +316,7 @@ def _finished(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) ->
         return None
     changed = {
         name
-        for name, digest in _config_hashes(plan.evaluate_files).items()
+        for name, digest in _config_hashes(plan.row_config_files(row)).items()
         if record.get("config_sha256", {}).get(name) != digest
     }
     if changed and warn:

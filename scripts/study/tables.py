@@ -1,4 +1,9 @@
-"""The study's tables: ``results.csv``, ``ablation.md`` and ``cross_centre.md``, from every finished row."""
+"""The study's tables: ``results.csv``, ``ablation.md`` and ``cross_centre.md``, from every finished row.
+
+A row that was selected but cannot run here (an external row whose package is missing) is shown as skipped,
+with the reason, in both tables and in ``results.csv`` (``skip_reason``); other rows without a result show
+as "not run" and are not in the CSV.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ CSV_COLUMNS = [
     "trainable_params",
     "budget",
     "seed",
+    "skip_reason",
 ]
 
 
@@ -101,11 +107,37 @@ def _csv_lines(plan: StudyPlan, row: str, record: Mapping[str, Any]) -> list[dic
         line["detection_fp_per_case"] = round(float(detection.get("false_positives_per_case", 0.0)), 6)
         line["train_seconds"] = round(record["train_seconds"], 1)
         line["eval_seconds"] = round(result["eval_seconds"], 1)
-        line["trainable_params"] = record["trainable_params"]
+        params = record["trainable_params"]
+        line["trainable_params"] = "" if params is None else params  # not counted (nnU-Net)
         line["budget"] = record["budget"]
         line["seed"] = record["seed"]
+        line["skip_reason"] = ""
         lines.append(line)
     return lines
+
+
+def _skipped_lines(plan: StudyPlan, row: str, reason: str) -> list[dict[str, Any]]:
+    """A skipped row's lines: which row and centre, the budget and seed, why; no figures."""
+    return [
+        {
+            "row": row,
+            "label": plan.config.labels[row],
+            "centre": centre,
+            "in_centre": centre == plan.config.train_centre,
+            "budget": plan.budget.name,
+            "seed": plan.seed,
+            "skip_reason": reason,
+        }
+        for centre in plan.config.test_centres
+    ]
+
+
+def _missing_cell(row: str, skipped: Mapping[str, str]) -> str:
+    """The first cell after the label of a row without results: why it was skipped, or "not run"."""
+    if row not in skipped:
+        return "not run"
+    reason = " ".join(skipped[row].split()).replace("|", "\\|")  # one line, no cell break
+    return f"skipped: {reason}"
 
 
 def _notes(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], centres: Sequence[str]) -> list[str]:
@@ -136,6 +168,15 @@ def _notes(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], centres: Sequ
         )
     else:
         lines.append("No row used random encoder weights.")
+    external = [r for r in done if plan.is_external(r)]
+    for row in external:  # only nnunet exists
+        lines.append(
+            f"{plan.config.labels[row]}: nnU-Net v2's own pipeline and default trainer "
+            f"(`scripts/nnunet_baseline.py`) on the same {plan.config.train_centre} training/validation split "
+            f"(its fold 0), for {done[row]['settings']['budget_minutes']:g} min of wall clock (preprocessing "
+            "included, on the CPU), without the seed; its final checkpoint is scored (no selection on the "
+            "validation split), by `scripts/score.py` with the same metrics. No encoder."
+        )
     encoders = [
         f"{plan.config.labels[r]}: `{rec['encoder']['source']}` (sha256 {rec['encoder']['sha256'][:12]}…)"
         for r, rec in done.items()
@@ -146,7 +187,9 @@ def _notes(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], centres: Sequ
     return lines
 
 
-def _ablation_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) -> str:
+def _ablation_table(
+    plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], skipped: Mapping[str, str]
+) -> str:
     centre = plan.config.train_centre
     lines = [
         f"# Ablation (trained and tested on centre {centre})",
@@ -154,10 +197,10 @@ def _ablation_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) -> s
         "| Method | Aneurysm Dice | Aneurysm HD95 (mm) | Vessel Dice | Failures | Train time |",
         "|---|---|---|---|---|---|",
     ]
-    for row in plan.config.rows:
+    for row in plan.config.all_rows:
         record = done.get(row)
         if record is None:
-            lines.append(f"| {plan.config.labels[row]} | not run | | | | |")
+            lines.append(f"| {plan.config.labels[row]} | {_missing_cell(row, skipped)} | | | | |")
             continue
         summary = record["centres"][centre]["summary"]
         aneurysm, vessel = summary["classes"]["aneurysm"], summary["classes"]["vessel"]
@@ -173,7 +216,9 @@ def _ablation_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) -> s
     return "\n".join([*lines, "", *_notes(plan, done, [centre])]) + "\n"
 
 
-def _cross_centre_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) -> str:
+def _cross_centre_table(
+    plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], skipped: Mapping[str, str]
+) -> str:
     centres = plan.config.test_centres
     unseen = [c for c in centres if c != plan.config.train_centre]
     lines = [
@@ -183,10 +228,11 @@ def _cross_centre_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) 
         "| Method | " + " | ".join(f"{c} aneurysm Dice | {c} failures" for c in centres) + " |",
         "|---|" + "---|---|" * len(centres),
     ]
-    for row in plan.config.rows:
+    for row in plan.config.all_rows:
         record = done.get(row)
         if record is None:
-            lines.append(f"| {plan.config.labels[row]} | not run |" + " |" * (2 * len(centres) - 1))
+            missing = _missing_cell(row, skipped)
+            lines.append(f"| {plan.config.labels[row]} | {missing} |" + " |" * (2 * len(centres) - 1))
             continue
         cells = [_label(plan, row, record)]
         for centre in centres:
@@ -199,25 +245,39 @@ def _cross_centre_table(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]]) 
     return "\n".join([*lines, "", *_notes(plan, done, centres)]) + "\n"
 
 
-def write_tables(output_dir: str | Path, plan: StudyPlan, warn: bool = True) -> str:
+def write_tables(
+    output_dir: str | Path, plan: StudyPlan, warn: bool = True, skipped: Mapping[str, str] | None = None
+) -> str:
     """Rebuild ``results.csv``, ``ablation.md`` and ``cross_centre.md`` from every finished row.
 
-    Rows without a ``done.json`` made with this plan's settings appear as "not run" (and not in the CSV);
-    ``warn`` logs why a finished row does not count.
+    Rows without a ``done.json`` made with this plan's settings appear as "not run" (and not in the CSV),
+    or, when in ``skipped``, as skipped with the reason (in the CSV too, ``skip_reason``, no figures).
+
+    Args:
+        output_dir: the study folder.
+        plan: the study plan.
+        warn: log why a finished row does not count. Default True.
+        skipped: row -> why it could not run here. Default none.
 
     Returns:
         both tables, as written.
     """
     output_dir = Path(output_dir)
+    skipped = dict(skipped or {})
     done = {
-        row: rec for row in plan.config.rows if (rec := _finished(output_dir, plan, row, warn)) is not None
+        row: rec
+        for row in plan.config.all_rows
+        if (rec := _finished(output_dir, plan, row, warn)) is not None
     }
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row, record in done.items():
-        writer.writerows(_csv_lines(plan, row, record))
-    ablation, cross_centre = _ablation_table(plan, done), _cross_centre_table(plan, done)
+    for row in plan.config.all_rows:
+        if row in done:
+            writer.writerows(_csv_lines(plan, row, done[row]))
+        elif row in skipped:
+            writer.writerows(_skipped_lines(plan, row, skipped[row]))
+    ablation, cross_centre = _ablation_table(plan, done, skipped), _cross_centre_table(plan, done, skipped)
     write_atomically(output_dir / "results.csv", buffer.getvalue())
     write_atomically(output_dir / "ablation.md", ablation)
     write_atomically(output_dir / "cross_centre.md", cross_centre)
