@@ -4,8 +4,9 @@ One command exports the training dataset, plans and preprocesses ``3d_fullres``,
 ``nnUNetTrainer`` for a wall-clock budget, predicts the test cases of each centre and scores them with
 :mod:`scripts.score`, so its figures sit beside the evaluate workflow's::
 
-    pip install nnunetv2      # keep this project's torch: pip install -c <(echo torch==2.13.0) nnunetv2
-    python -m scripts.nnunet_baseline --work_dir runs/nnunet --budget_minutes 20 --centres A,B,C
+    pip install nnunetv2 torch==2.13.0    # the pin keeps this project's torch
+    python -m scripts.nnunet_baseline run --work_dir runs/nnunet --budget_minutes 20 --centres A,B,C
+    python -m scripts.nnunet_baseline predict --input_dir DIR --output_dir OUT [--use_mirroring True]
 
 The datasets are the bundle's own: the training datalist of ``configs/train.yaml`` (``--dataset_dir``
 for yours) and, per centre, the test datalist of ``configs/evaluate.yaml`` (``eval_centre``), resolved
@@ -50,8 +51,7 @@ def require_nnunet() -> None:
     except ImportError as error:
         raise ImportError(
             "nnunetv2 is not installed: it is an optional dependency of this bundle. Install it with "
-            "`pip install nnunetv2` (keeping this project's torch: `pip install -c <(echo torch==2.13.0) "
-            "nnunetv2`)."
+            "`pip install nnunetv2 torch==2.13.0` (the pin keeps this project's torch)."
         ) from error
 
 
@@ -288,8 +288,30 @@ def main(
     )
 
 
+def predict_folder(
+    input_dir: str,
+    output_dir: str,
+    work_dir: str = "runs/nnunet",
+    dataset_id: int = 501,
+    use_mirroring: bool = False,
+) -> float:
+    """The command ``predict``: the trained model of ``work_dir`` on every ``<case>_0000.nii.gz`` of ``input_dir``.
+
+    Returns:
+        the seconds it took (model loading, preprocessing, prediction and export).
+    """
+    if not isinstance(use_mirroring, bool):
+        raise ValueError(f"use_mirroring must be True or False (Python spelling), got {use_mirroring!r}.")
+    require_nnunet()
+    folders = set_nnunet_paths(Path(work_dir).resolve())
+    model = trained_model_dir(folders["nnUNet_results"], dataset_id)
+    seconds = predict(model, Path(input_dir), Path(output_dir), use_mirroring)
+    logger.info("nnU-Net predicted %s in %.1f s (mirroring %s)", input_dir, seconds, use_mirroring)
+    return seconds
+
+
 if __name__ == "__main__":
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    fire.Fire(main)
+    fire.Fire({"run": main, "predict": predict_folder})
