@@ -63,11 +63,11 @@ import torch
 from monai.data import MetaTensor
 
 from scripts.data import LABELS
-from scripts.data.datalist import load_split, resolve_datalist
+from scripts.data.datalist import bundle_datalist, load_split, resolve_datalist
 from scripts.data.validation import ValidateCased
 from scripts.networks.dino_3dra import check_switch
 
-__all__ = ["NNUNET_LABELS", "ExportCase", "default_datalist", "export_nnunet", "plan_cases"]
+__all__ = ["NNUNET_LABELS", "ExportCase", "export_nnunet", "plan_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +89,6 @@ class ExportCase(NamedTuple):
     split: str
     image: str
     label: str | None
-
-
-def default_datalist() -> str:
-    """The training datalist of ``configs/train.yaml`` with no ``dataset_dir``: the synthetic default.
-
-    Resolved through the config itself (``synthetic_dir``, ``synthetic_cases``, ``synthetic_splits``, ...),
-    so the export holds the very cases training reads; generated on first use.
-    """
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.yaml"))
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    parser["dataset_dir"] = None
-    return str(parser.get_parsed_content("datalist"))
 
 
 def _strip_nifti(path: str) -> str:
@@ -315,7 +300,11 @@ def export_nnunet(
             has this id.
     """
     _check_arguments(dataset_id, name, channel_name, overwrite)
-    datalist = resolve_datalist(dataset_dir, synthetic_dir="") if dataset_dir else default_datalist()
+    datalist = (
+        resolve_datalist(dataset_dir, synthetic_dir="")
+        if dataset_dir
+        else bundle_datalist("datalist", {"dataset_dir": None})
+    )
     output = Path(output_dir)
     dest = output / f"Dataset{dataset_id:03d}_{name}"
     _check_destination(output, dest, datalist, overwrite)

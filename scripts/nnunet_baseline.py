@@ -71,19 +71,6 @@ def set_nnunet_paths(work_dir: Path) -> dict[str, Path]:
     return folders
 
 
-def bundle_datalist(key: str, overrides: dict[str, Any] | None = None) -> str:
-    """Resolve (generating synthetic data if needed) the datalist ``key`` of train.yaml + evaluate.yaml."""
-    from monai.bundle import ConfigParser
-
-    root = Path(__file__).resolve().parents[1]
-    parser = ConfigParser()
-    parser.read_config([str(root / "configs" / "train.yaml"), str(root / "configs" / "evaluate.yaml")])
-    parser["bundle_root"] = str(root)
-    for name, value in (overrides or {}).items():
-        parser[name] = value
-    return str(parser.get_parsed_content(key))
-
-
 def plan_and_preprocess(dataset_id: int, num_processes: int = 2) -> None:
     """nnU-Net's fingerprint, plans and ``3d_fullres`` preprocessing, with its dataset integrity check."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -278,6 +265,8 @@ def main(
         centres: test centres (``configs/evaluate.yaml`` ``eval_centre``), without ``dataset_dir``.
         work_dir, dataset_id, budget_minutes, iterations_per_epoch, use_mirroring: see :func:`run_nnunet`.
     """
+    from scripts.data.datalist import bundle_datalist
+
     if dataset_dir:
         tests = {"dataset": bundle_datalist("datalist", {"dataset_dir": dataset_dir})}
     else:

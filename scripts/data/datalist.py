@@ -59,6 +59,28 @@ def resolve_datalist(
         )
 
 
+def bundle_datalist(key: str = "datalist", overrides: dict | None = None) -> str:
+    """Resolve the datalist ``key`` of ``configs/train.yaml`` + ``configs/evaluate.yaml`` as the workflows do.
+
+    ``"datalist"`` is the training datalist (the synthetic default when ``dataset_dir`` is unset),
+    ``"eval_datalist"`` the test datalist of ``eval_centre``; synthetic data are generated on first use, so
+    a command outside the workflows reads the very cases they read.
+
+    Args:
+        key: the config key to resolve.
+        overrides: config keys to set first, e.g. ``{"eval_centre": "B"}``.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[2]
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "train.yaml"), str(root / "configs" / "evaluate.yaml")])
+    parser["bundle_root"] = str(root)
+    for name, value in (overrides or {}).items():
+        parser[name] = value
+    return str(parser.get_parsed_content(key))
+
+
 def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
     """``image``/``label`` entries of one split with absolute paths, every referenced file checked to exist.
 
