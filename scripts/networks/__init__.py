@@ -8,6 +8,7 @@ from .encoder_weights import (
     EncoderProvenance,
     EncoderWeightsError,
     load_encoder,
+    recorded_encoder,
 )
 from .fusion import AdditiveFusion, CalibratedFusion
 from .room_lite import RoomLite
@@ -26,4 +27,5 @@ __all__ = [
     "SliceEncoder",
     "count_parameters",
     "load_encoder",
+    "recorded_encoder",
 ]

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -474,3 +475,26 @@ def _meta_to_hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
         # Meta: (1, hidden); transformers: (1, 1, hidden)
         converted["embeddings.mask_token"] = converted["embeddings.mask_token"].reshape(1, 1, -1)
     return converted, unknown
+
+
+def recorded_encoder(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The encoder record (:meth:`EncoderProvenance.record`) a network checkpoint was saved with.
+
+    Args:
+        checkpoint: a ``model.pt`` state dict, or a training checkpoint holding it under ``"model"``.
+
+    Returns:
+        the record (``source``, ``sha256``, ...), or ``None`` for a network without a slice encoder.
+
+    Raises:
+        EncoderWeightsError: the file cannot be read as a checkpoint.
+    """
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise EncoderWeightsError(f"Cannot read checkpoint {checkpoint}: {error}") from error
+    state = state.get("model", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping):
+        raise EncoderWeightsError(f"{checkpoint} holds no state dict.")
+    records = [value for key, value in state.items() if key.endswith("encoder._extra_state")]
+    return dict(records[0]) if records else None
