@@ -30,6 +30,8 @@ def replace_atomically(
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the mode any new file of this user gets
+        os.chmod(tmp, _new_file_mode())
         if durable:
             with open(tmp, "rb+") as written:
                 os.fsync(written.fileno())
@@ -38,6 +40,13 @@ def replace_atomically(
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """0666 less the process umask, as ``open(path, "w")`` would create it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomically(path: str | os.PathLike, text: str) -> None:

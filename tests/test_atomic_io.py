@@ -30,3 +30,10 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, error
         replace_atomically(path, fail_halfway, suffix=".tmp.npy")
     np.testing.assert_array_equal(np.load(path), np.arange(3.0))
     assert [p.name for p in tmp_path.iterdir()] == ["entry.npy"]
+
+
+def test_written_files_get_the_mode_of_a_new_file(tmp_path):
+    """Not mkstemp's owner-only 0600: a released or shared output must be readable like any new file."""
+    (tmp_path / "new").write_text("")
+    write_atomically(tmp_path / "summary.json", "{}")
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == (tmp_path / "new").stat().st_mode & 0o777
