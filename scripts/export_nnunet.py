@@ -65,7 +65,7 @@ from monai.data import MetaTensor
 from scripts.data import LABELS
 from scripts.data.datalist import bundle_datalist, load_split, resolve_datalist
 from scripts.data.validation import ValidateCased
-from scripts.networks.dino_3dra import check_switch
+from scripts.switches import check_switch
 
 __all__ = ["NNUNET_LABELS", "ExportCase", "export_nnunet", "plan_cases"]
 

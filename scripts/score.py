@@ -10,8 +10,8 @@ checkpoint, hand-edited labels) sit beside its own. Labels: 0 background, 1 vess
   ``X.nii.gz`` or ``X.nii`` (both at once is an error).
 * **Matching**: a prediction of case ``X`` is one of ``X.nii.gz``, ``X.nii`` (nnU-Net writes
   ``X.nii.gz``, the case name without the ``_0000`` channel suffix of its inputs), ``X_seg.nii.gz`` or
-  ``X_seg.nii`` (``SaveImaged(output_postfix="seg")`` as ``configs/inference.yaml`` and
-  ``configs/evaluate.yaml`` write it), directly in ``pred_dir`` or in its subfolder ``X/``
+  ``X_seg.nii`` (as ``SaveImaged(output_postfix="seg")`` in ``configs/evaluate.yaml`` and
+  ``scripts.batch_inference`` in ``configs/inference.yaml`` name it), directly in ``pred_dir`` or in its subfolder ``X/``
   (``SaveImaged(separate_folder=True)``). Two files matching one case, or one file matching two cases,
   is an error naming them. Other files are ignored; NIfTI files matching no case are logged as a
   warning.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-__all__ = ["save_preview"]
+__all__ = ["save_oriented_preview", "save_preview"]
 
 _ANEURYSM_RGB = np.array([255, 40, 40], dtype=np.float32)
 _VESSEL_RGB = np.array([40, 220, 90], dtype=np.float32)
@@ -36,10 +37,13 @@ def _panel(
     pixel_mm: tuple[float, float],
     scale: float,
     alpha: float,
+    vessel_alpha: float = 0.0,
 ) -> Image.Image:
     """One (rows, cols) panel -> RGB image resampled to square pixels of ``scale`` px/mm."""
     rgb = np.repeat(gray[..., None] * 255.0, 3, axis=-1)
     if vessel is not None:
+        if vessel_alpha > 0:
+            rgb[vessel] = (1 - vessel_alpha) * rgb[vessel] + vessel_alpha * _VESSEL_RGB
         edge = _outline(vessel)
         rgb[edge] = 0.65 * rgb[edge] + 0.35 * _VESSEL_RGB
     rgb[aneurysm] = (1 - alpha) * rgb[aneurysm] + alpha * _ANEURYSM_RGB
@@ -78,6 +82,8 @@ def save_preview(
     title: str | None = None,
     focus: Sequence[int] | None = None,
     markers: Sequence[tuple[Sequence[float], float]] = (),
+    vessel_alpha: float = 0.0,
+    numbers: Sequence[tuple[Sequence[float], str]] = (),
 ) -> str:
     """Write a PNG: MIPs along Z, Y and X side by side, aneurysm (label 2) overlaid in red.
 
@@ -90,11 +96,14 @@ def save_preview(
         slices: add a second row with the axial, coronal and sagittal slices through the largest
             aneurysm's centroid (the volume centre without aneurysm), to show the slice appearance.
             Default True.
-        scale: output pixels per millimetre. Default 3.
+        scale: output pixels per millimetre. Default 5.
         alpha: opacity of the aneurysm fill. Default 0.45.
         title: optional text drawn in the top-left corner.
         focus: voxel (X, Y, Z) the slices go through, instead of the aneurysm centroid.
         markers: ``(voxel, radius_mm)`` circles drawn in yellow on the MIPs (e.g. hard negatives).
+        vessel_alpha: opacity of a green fill of the projected vessel label (0: outline only). Default 0.
+        numbers: ``(voxel, text)`` labels drawn in white beside each voxel's projection on every MIP (e.g.
+            each aneurysm's number at its centroid).
 
     Returns:
         the path written.
@@ -115,7 +124,7 @@ def save_preview(
     vessel_proj = _views(label == 1, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
     rows.append(
         [
-            _panel(_window(m, low, high), a, v, px, scale, alpha)
+            _panel(_window(m, low, high), a, v, px, scale, alpha, vessel_alpha)
             for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
         ]
     )
@@ -154,6 +163,8 @@ def save_preview(
         x += panel.width + gap
     for voxel, radius in markers:
         _draw_marker(draw, voxel, radius, (sx, sy, sz), label.shape, rows[0], gap, scale)
+    for voxel, text in numbers:
+        _draw_number(draw, voxel, text, (sx, sy, sz), label.shape, rows[0], gap, scale)
     if title:
         draw.text((4, 4), title, fill=(255, 255, 0))
     path = os.fspath(path)
@@ -162,8 +173,52 @@ def save_preview(
     return path
 
 
-def _draw_marker(draw, voxel, radius, spacing, shape, panels, gap, scale) -> None:
-    """Yellow circle of ``radius`` mm around ``voxel`` on each MIP panel (same flips as :func:`_views`)."""
+def save_oriented_preview(
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    world_numbers: Sequence[tuple[Sequence[float], str]] = (),
+    panel_pixels: int = 320,
+    **kwargs,
+) -> str:
+    """:func:`save_preview` of a volume in its file's own voxel axes, whatever its orientation.
+
+    The arrays are reordered (axes permuted and flipped, never resampled: every voxel is shown as it is)
+    to the closest RAS axes (``nibabel.orientations.io_orientation``), so that the panels are axial,
+    coronal and sagittal views with anterior and superior at the top.
+
+    Args:
+        image: (D, H, W) intensities in the file's voxel axes.
+        label: (D, H, W) labels 0/1/2 on the same grid.
+        affine: (4, 4) voxel-to-world (RAS mm) matrix of that grid.
+        path: output ``.png`` path.
+        world_numbers: ``(point, text)`` labels at world (RAS mm) points, e.g. each aneurysm's number at its
+            centroid; drawn on every MIP.
+        panel_pixels: size in pixels of the volume's longest side (in mm) on its panels. Default 320.
+        **kwargs: further :func:`save_preview` arguments (``slices``, ``title``, ``vessel_alpha``, ...).
+
+    Returns:
+        the path written.
+    """
+    image, label, affine = np.asarray(image), np.asarray(label), np.asarray(affine, dtype=float)
+    if image.ndim != 3 or image.shape != label.shape:
+        raise ValueError(f"image and label must be 3D of equal shape, got {image.shape} and {label.shape}.")
+    orientation = nib.orientations.io_orientation(affine)
+    # voxel-to-world of the reordered arrays (from the shape before reordering)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(orientation, label.shape)
+    image = nib.orientations.apply_orientation(image, orientation)
+    label = nib.orientations.apply_orientation(label, orientation)
+    spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)
+    to_voxel = np.linalg.inv(ras_affine)
+    numbers = [((to_voxel @ [*point, 1.0])[:3], text) for point, text in world_numbers]
+    scale = panel_pixels / float(np.max(np.asarray(label.shape) * spacing))
+    return save_preview(image, label, spacing, path, scale=scale, numbers=numbers, **kwargs)
+
+
+def _mip_spots(voxel, spacing, shape, panels, gap, scale) -> list[tuple[float, float]]:
+    """Canvas pixel (x, y) of ``voxel``'s centre on each MIP panel (same flips as :func:`_views`)."""
     sx, sy, sz = spacing
     x, y, z = (float(v) for v in voxel)
     # (col_mm, row_mm) of the voxel in each panel, rows flipped so that anterior / superior are up
@@ -172,11 +227,35 @@ def _draw_marker(draw, voxel, radius, spacing, shape, panels, gap, scale) -> Non
         (x * sx, (shape[2] - 1 - z) * sz),
         (y * sy, (shape[2] - 1 - z) * sz),
     ]
-    left = 0
+    out, left = [], 0
     for panel, (col, row) in zip(panels, spots, strict=True):
-        cx, cy, r = left + (col + 0.5) * scale, (row + 0.5) * scale, max(radius * scale, 3)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(255, 230, 0))
+        out.append((left + (col + 0.5) * scale, (row + 0.5) * scale))
         left += panel.width + gap
+    return out
+
+
+def _draw_marker(draw, voxel, radius, spacing, shape, panels, gap, scale) -> None:
+    """Yellow circle of ``radius`` mm around ``voxel`` on each MIP panel."""
+    r = max(radius * scale, 3)
+    for cx, cy in _mip_spots(voxel, spacing, shape, panels, gap, scale):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(255, 230, 0))
+
+
+def _draw_number(draw, voxel, text, spacing, shape, panels, gap, scale) -> None:
+    """``text`` in white with a black edge just right of and above ``voxel`` on each MIP panel."""
+    font = ImageFont.load_default(size=14)
+    for cx, cy in _mip_spots(voxel, spacing, shape, panels, gap, scale):
+        # whole pixels, so that a point computed through another affine (1e-12 off) lands on the same pixel
+        position = (round(cx) + 4, round(cy) - 4)
+        draw.text(
+            position,
+            text,
+            fill=(255, 255, 255),
+            font=font,
+            anchor="lb",
+            stroke_width=2,
+            stroke_fill=(0, 0, 0),
+        )
 
 
 def _focus(label: np.ndarray) -> tuple[int, int, int]:

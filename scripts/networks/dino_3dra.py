@@ -11,6 +11,8 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
+from scripts.switches import check_switch
+
 from .dino_path import DinoPath
 from .encoder_weights import DEFAULT_DINO_MODEL
 from .fusion import AdditiveFusion, CalibratedFusion
@@ -170,22 +172,6 @@ class Dino3DRA(nn.Module):
             )
         if not torch.isfinite(x).all():
             raise ValueError("Input contains NaN or infinite values.")
-
-
-def check_switch(name: str, value: Any) -> None:
-    """Refuse anything but a real ``bool`` for an on/off setting.
-
-    The bundle command line parses overrides as Python literals, so ``--use_dino false`` arrives as the
-    string ``"false"``, which is truthy: accepting it would silently train the wrong ablation row.
-
-    Raises:
-        ValueError: ``value`` is not ``True`` or ``False``; the message names the key and the spelling.
-    """
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"{name} must be True or False, got {value!r} ({type(value).__name__}). On the command line "
-            f"write it as a Python literal: --{name} False (not false)."
-        )
 
 
 def count_parameters(network: Dino3DRA) -> dict[str, int]:
