@@ -245,10 +245,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_release.py",),
     ),
     Mutation(
-        "release_zip_keeps_file_modes",
+        "release_zip_dated_now",
         "scripts/release.py",
-        "info.external_attr = FILE_MODE << 16",
-        "info.external_attr = (Path(files[name]).stat().st_mode & 0o777) << 16",
+        "date_time=ZIP_DATE_TIME",
+        "date_time=__import__('time').localtime()[:6]",
         ("tests/test_release.py::test_two_builds_give_byte_identical_zips",),
     ),
     Mutation(
