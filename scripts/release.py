@@ -60,7 +60,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -76,7 +75,12 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_n
 from monai.bundle.properties import BundleProperty, BundlePropertyConfig
 
 from scripts.atomic_io import replace_atomically
-from scripts.networks.encoder_weights import EncoderWeightsError, recorded_encoder
+from scripts.networks.encoder_weights import (
+    EncoderWeightsError,
+    looks_like_hub_id,
+    random_seed_of,
+    recorded_encoder,
+)
 
 __all__ = [
     "BUNDLE_NAME",
@@ -111,8 +115,6 @@ ZIP_LEVEL = 9
 _ALLOWED_FILES = ("LICENSE", "requirements.txt")
 _ALLOWED_TREES = (("configs", "*"), ("docs", "*"), ("scripts", "*.py"))
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
-_RANDOM = re.compile(r"^random(?::(\d+))?$")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DINO_MODEL_LINE = re.compile(r"^dino_model:.*$", re.MULTILINE)
 
 
@@ -247,17 +249,15 @@ def released_dino_model(checkpoint: str | Path, dino_model: str | None = None) -
 
 
 def _is_local_path(source: str) -> bool:
-    if _RANDOM.match(source):
+    if random_seed_of(source) is not None:
         return False
     path = Path(source).expanduser()
-    return (
-        path.is_absolute() or path.exists() or source.endswith((".pth", ".pt")) or not _HUB_ID.match(source)
-    )
+    return path.is_absolute() or path.exists() or not looks_like_hub_id(source)
 
 
 def _normalised(source: str) -> str:
-    match = _RANDOM.match(source)
-    return f"random:{int(match.group(1) or 0)}" if match else source
+    seed = random_seed_of(source)
+    return f"random:{seed}" if seed is not None else source
 
 
 def _set_dino_model(configs: Path, inference: str, dino_model: str) -> None:
@@ -431,7 +431,7 @@ def _build(
 
 
 def _publish(dist: Path, outputs: Mapping[str, Path], stale: list[str]) -> None:
-    """Each output into ``dist`` through a temporary name and ``os.replace`` (mode 0644), in order; a file of
+    """Each output into ``dist`` through a temporary name and ``os.replace`` (a new file's mode), in order; a file of
     ``stale`` (an asset of an earlier release into ``dist`` that this one does not list) is removed first."""
     for name in stale:
         if (dist / name).is_file():
@@ -440,8 +440,7 @@ def _publish(dist: Path, outputs: Mapping[str, Path], stale: list[str]) -> None:
 
     def copy(source: Path) -> Callable[[str], None]:
         def write(tmp: str) -> None:
-            shutil.copyfile(source, tmp)
-            os.chmod(tmp, FILE_MODE)
+            shutil.copyfile(source, tmp)  # replace_atomically gives it a new file's mode
 
         return write
 
@@ -462,7 +461,7 @@ def _stage(bundle_root: Path, staged: Path) -> dict[str, Path]:
 
 def releases_torchscript(export: bool | None, source: str) -> bool:
     """Whether to release ``model.ts``, which holds the encoder's weights (see :func:`release`)."""
-    random_encoder = _RANDOM.match(source) is not None
+    random_encoder = random_seed_of(source) is not None
     if export is None and not random_encoder:
         logger.warning(
             "No TorchScript model released: %s would hold the weights of the encoder %r, and redistributing "

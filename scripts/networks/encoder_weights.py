@@ -115,7 +115,7 @@ class EncoderProvenance:
 
     @property
     def is_random(self) -> bool:
-        return _RANDOM.match(self.source) is not None
+        return random_seed_of(self.source) is not None
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint stores (plain types only, readable with ``torch.load(weights_only=True)``)."""
@@ -253,9 +253,8 @@ def load_encoder(
     Raises:
         EncoderWeightsError: the weights cannot be found or read; the message says what to do.
     """
-    random_match = _RANDOM.match(dino_model)
-    if random_match:
-        seed = int(random_match.group(1) or 0)
+    seed = random_seed_of(dino_model)
+    if seed is not None:
         model = _random_dinov3(seed, dino_config)
         source, mean, std = f"random:{seed}", IMAGENET_MEAN, IMAGENET_STD
     elif Path(dino_model).is_file():
@@ -265,7 +264,7 @@ def load_encoder(
         model = _from_pretrained(dino_model, local_files_only=True, cache_dir=None)
         mean, std = _folder_image_stats(Path(dino_model))
         source = dino_model
-    elif _looks_like_hub_id(dino_model):
+    elif looks_like_hub_id(dino_model):
         model = _from_hub(dino_model, local_files_only, cache_dir)
         source, mean, std = dino_model, IMAGENET_MEAN, IMAGENET_STD
     else:
@@ -297,7 +296,14 @@ def _random_dinov3(seed: int, overrides: dict[str, Any] | None) -> PreTrainedMod
         return DINOv3ViTModel(config)
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def random_seed_of(dino_model: str) -> int | None:
+    """The seed of ``random`` (0) or ``random:SEED``; None for any other ``dino_model``."""
+    match = _RANDOM.match(dino_model)
+    return int(match.group(1) or 0) if match else None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face hub id (``owner/name``, not a ``.pth`` / ``.pt`` file)."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith((".pth", ".pt"))
 
 
