@@ -58,8 +58,13 @@ class AutocastInferer(Inferer):
             raise AttributeError(name)
         return getattr(self.inferer, name)
 
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``inputs``: (B, C, D, H, W) -> float32 logits as the wrapped inferer shapes them."""
+    def __call__(
+        self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``inputs``: (B, C, D, H, W) -> float32 logits as the wrapped inferer shapes them (a list of them
+        for a deeply supervised network in training mode)."""
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
             out = self.inferer(inputs, network, *args, **kwargs)
-        return out.float() if self.enabled else out
+        if not self.enabled:
+            return out
+        return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()

@@ -502,6 +502,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "use_dino",
         "use_room_lite",
         "use_calibration",
+        "deep_supervision",
         "intensity_upper_percentile",
         "intensity_noise_floor",
     ]
@@ -517,6 +518,21 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         assert {k: v for k, v in step.items() if k not in ("keys", "mode", "dtype")} == {
             k: v for k, v in mirrored.items() if k not in ("keys", "mode", "dtype")
         }
+
+
+def test_deep_supervision_key_trains_the_coarser_heads_through_the_configured_loss():
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "use_dino": False, "deep_supervision": 1})
+    network, loss = parser.get_parsed_content("network_def"), parser.get_parsed_content("loss")
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, 32, 32, 32), dtype=torch.uint8)
+    full, half = network.train()(torch.rand(2, 1, 32, 32, 32))
+    assert half.shape == (2, 3, 16, 16, 16)
+    halved = labels[:, :, 1::2, 1::2, 1::2]  # nearest-exact downsampling by 2 keeps the odd voxels
+    expected = loss.loss(full, labels) + 0.5 * loss.loss(half, halved)
+    torch.testing.assert_close(loss([full, half], labels), expected)
+    assert parser.get_parsed_content("train#trainer").loss_function is not None
 
 
 def test_evaluation_infers_as_inference_does():

@@ -39,3 +39,15 @@ def test_settings_read_through_and_bad_switch_refused():
     assert inferer.roi_size == (8, 8, 8) and inferer.overlap == 0.5
     with pytest.raises(ValueError, match="True or False"):
         AutocastInferer(SimpleInferer(), enabled="false")
+
+
+def test_deeply_supervised_outputs_come_back_as_a_float32_list():
+    net = _Recorder()
+    deep = lambda x: [net(x), torch.nn.functional.avg_pool3d(net(x), 2)]  # noqa: E731
+    x = torch.rand(1, 1, 16, 16, 16)
+    outputs = AutocastInferer(SimpleInferer())(x, deep)
+    assert [(o.dtype, o.shape) for o in outputs] == [
+        (torch.float32, (1, 3, 16, 16, 16)),
+        (torch.float32, (1, 3, 8, 8, 8)),
+    ]
+    assert set(net.dtypes) == {torch.bfloat16}

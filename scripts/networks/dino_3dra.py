@@ -39,6 +39,13 @@ class Dino3DRA(nn.Module):
     without Room-Lite           ``use_room_lite=False``
     ==========================  ==================================================================
 
+    With ``deep_supervision=k`` the ``k`` coarsest-but-one decoder levels get their own 1x1 heads, as in
+    nnU-Net: in training mode ``forward`` then returns the full-resolution logits followed by theirs
+    (finest first, each level half the size of the one before), for
+    :class:`monai.losses.DeepSupervisionLoss`. In eval mode it always returns the full-resolution logits
+    alone, so inference, the sliding window and exports see one tensor. The heads are part of the
+    checkpoint, so inference must build the network with the same ``deep_supervision``.
+
     Args:
         spatial_dims: must be 3.
         in_channels: input channels. Default 1.
@@ -60,6 +67,8 @@ class Dino3DRA(nn.Module):
         dino_groups: groups of the group norms of Room-Lite and fusion. Default 8.
         local_files_only: for hub ids, never go online (``None``: cache first, then the hub).
         dino_dtype: dtype the frozen encoder runs in, ``"float32"`` or ``"bfloat16"``. Default float32.
+        deep_supervision: decoder levels below full resolution with their own heads, trained by deep
+            supervision; 0 to ``len(channels) - 2``. Default 0.
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class Dino3DRA(nn.Module):
         dino_groups: int = 8,
         local_files_only: bool | None = None,
         dino_dtype: str = "float32",
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -97,6 +107,12 @@ class Dino3DRA(nn.Module):
             ("use_calibration", use_calibration),
         ):
             check_switch(name, value)
+        levels_below = len(channels) - 2
+        if isinstance(deep_supervision, bool) or deep_supervision not in range(levels_below + 1):
+            raise ValueError(
+                f"deep_supervision must be an int from 0 to {levels_below} (heads below full resolution for "
+                f"{len(channels)} levels), got {deep_supervision!r}."
+            )
         self.in_channels = in_channels
         self.divisor = 2 ** (len(channels) - 1)
 
@@ -109,6 +125,11 @@ class Dino3DRA(nn.Module):
             for i in range(len(channels) - 1, 0, -1)
         )
         self.final_conv = Conv[Conv.CONV, 3](channels[0], out_channels, kernel_size=1)
+        # heads[i] reads the decoder output at level i + 1 (half the resolution of level i)
+        self.heads = nn.ModuleList(
+            Conv[Conv.CONV, 3](channels[level], out_channels, kernel_size=1)
+            for level in range(1, deep_supervision + 1)
+        )
 
         self.dino: DinoPath | None = None
         self.fusions = nn.ModuleList()
@@ -134,7 +155,9 @@ class Dino3DRA(nn.Module):
         """The frozen encoder, or None for the plain U-Net."""
         return self.dino.encoder if self.dino is not None else None
 
-    def forward(self, x: torch.Tensor, slice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, slice_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Segment a patch.
 
         Args:
@@ -143,7 +166,8 @@ class Dino3DRA(nn.Module):
                 earlier; the result is identical to computing it here.
 
         Returns:
-            logits (B, out_channels, D, H, W).
+            logits (B, out_channels, D, H, W); in training mode with deep supervision, a list of them
+            followed by (B, out_channels, D / 2**l, H / 2**l, W / 2**l) for l = 1 .. ``deep_supervision``.
         """
         self._check_input(x)
         skips = [self.conv_0(x)]
@@ -155,9 +179,15 @@ class Dino3DRA(nn.Module):
             for level, (fusion, volume) in enumerate(zip(self.fusions, volumes, strict=True)):
                 skips[level] = fusion(skips[level], volume)
         u = skips.pop()
+        decoded = []  # decoder outputs, coarsest first
         for up in self.ups:
             u = up(u, skips.pop())
-        return self.final_conv(u)
+            decoded.append(u)
+        logits = self.final_conv(u)
+        if not (self.training and self.heads):
+            return logits
+        coarser = decoded[::-1][1:]  # level 1, 2, ...
+        return [logits, *(head(level) for head, level in zip(self.heads, coarser, strict=False))]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:

@@ -125,6 +125,27 @@ def test_checkpoint_round_trip_with_random_encoder(tmp_path):
         tiny_net(dino_model="random:8").load_state_dict(torch.load(path, weights_only=False))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_deep_supervision_adds_coarser_logits_in_training_only(heads):
+    net = tiny_net(deep_supervision=heads)
+    x = torch.rand(2, 1, *ROI)
+    outputs = net.train()(x)
+    assert [o.shape for o in outputs] == [(2, 3, *(s // 2**level for s in ROI)) for level in range(heads + 1)]
+    # no batch statistics or dropout: eval mode gives the training-mode full-resolution logits, alone
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), outputs[0].detach(), rtol=0, atol=0)
+    sum(o.square().mean() for o in outputs[1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.heads.parameters())
+    assert net.final_conv.weight.grad is None
+
+
+def test_deep_supervision_heads_are_in_the_checkpoint():
+    supervised = tiny_net(use_dino=False, deep_supervision=2)
+    assert {f"heads.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")} <= set(supervised.state_dict())
+    with pytest.raises(RuntimeError, match="heads.0.weight"):
+        tiny_net(use_dino=False).load_state_dict(supervised.state_dict())
+
+
 @pytest.mark.parametrize(
     "x, message",
     [
@@ -146,6 +167,10 @@ def test_bad_input_raises(x, message):
         ({"spatial_dims": 2}, "spatial_dims"),
         ({"channels": (8, 16, 32)}, "levels"),
         ({"slice_axis": 3}, "slice_axis"),
+        ({"deep_supervision": 3}, "deep_supervision must be an int from 0 to 2"),
+        ({"deep_supervision": -1}, "deep_supervision"),
+        ({"deep_supervision": True}, "deep_supervision"),
+        ({"deep_supervision": "1"}, "deep_supervision"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
