@@ -16,10 +16,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
+from monai.transforms import LoadImage
 
 from scripts.atomic_io import replace_atomically
-from scripts.evaluation_report import write_evaluation
-from scripts.metrics import DEFAULT_CLASSES, case_metrics
+from scripts.evaluation_report import CaseAneurysms, write_case_aneurysms, write_evaluation
+from scripts.metrics import ANEURYSM_LABEL, DEFAULT_CLASSES, case_metrics
+from scripts.switches import check_switch
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +106,29 @@ class EmbeddingCacheStats:
 
 
 class SegmentationMetricsWriter:
-    """Score every evaluated case with :mod:`scripts.metrics` and write the per-case and summary files.
+    """Score every evaluated case with :mod:`scripts.metrics`, measure its aneurysms, write the evaluation's files.
 
     Each prediction is compared with the label in the label's own geometry and spacing: ``pred_key`` must
     hold the discrete prediction inverted to that geometry (``Invertd`` + ``AsDiscreted(argmax=True)``).
-    On completion writes ``per_case.csv``, ``summary.json`` and ``summary.md`` to ``output_dir``.
+    Per case, writes ``<case>_aneurysms.json`` (the true and predicted aneurysms measured on that grid with
+    the label's affine, detected / false positive) and, with ``save_pictures``, ``<case>_mip.png`` (truth and
+    prediction side by side over the MIPs of the image, read again from the file that ``image_key``'s meta
+    names); on completion ``per_case.csv``, ``summary.json``, ``summary.md``, ``aneurysms.csv`` and
+    ``report.md`` to ``output_dir`` (:mod:`scripts.evaluation_report`). Without the aneurysm class among
+    ``classes`` only the first three are written.
 
     Args:
-        output_dir: folder for the three files.
+        output_dir: folder of the files.
         pred_key: key of the (1, D, H, W) discrete prediction. Default ``"pred"``.
-        label_key: key of the (1, D, H, W) original label (with its ``pixdim`` meta). Default ``"label"``.
+        label_key: key of the (1, D, H, W) original label (with its ``pixdim`` meta and affine). Default
+            ``"label"``.
         classes: label value -> class name. Default vessel and aneurysm.
+        image_key: key of the image whose ``filename_or_obj`` the picture is drawn from; a case without it
+            (or whose file does not have the label's shape) gets no picture and a warning. Default ``"image"``.
+        save_pictures: write each case's picture and show the pictures in ``report.md``. Default True.
+
+    Raises:
+        ValueError: ``save_pictures`` is not a real bool (``--save_pictures false`` arrives as a string).
     """
 
     def __init__(
@@ -123,16 +137,25 @@ class SegmentationMetricsWriter:
         pred_key: str = "pred",
         label_key: str = "label",
         classes: dict[int, str] | None = None,
+        image_key: str = "image",
+        save_pictures: bool = True,
     ) -> None:
+        check_switch("save_pictures", save_pictures)
         self.output_dir = Path(output_dir)
-        self.pred_key, self.label_key = pred_key, label_key
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
         self.classes = classes or DEFAULT_CLASSES
+        self.save_pictures = save_pictures
         self.records: list[dict[str, Any]] = []
+        self.aneurysms: list[CaseAneurysms] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.records.clear())
+        engine.add_event_handler(Events.STARTED, self._clear)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._score)
         engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _clear(self, engine: Engine) -> None:
+        self.records.clear()
+        self.aneurysms.clear()
 
     def _score(self, engine: Engine) -> None:
         for batch_item, output_item in zip(engine.state.batch, engine.state.output, strict=True):
@@ -141,19 +164,51 @@ class SegmentationMetricsWriter:
             case = Path(str(label.meta.get("filename_or_obj", f"case_{len(self.records)}"))).name
             spacing = tuple(float(s) for s in label.meta["pixdim"][1:4])
             pred = item[self.pred_key][0].detach().cpu().numpy().astype(np.int64)
-            record = {
-                "case": case,
-                **case_metrics(pred, label[0].cpu().numpy().astype(np.int64), spacing, self.classes),
-            }
+            truth = label[0].cpu().numpy().astype(np.int64)
+            record = {"case": case, **case_metrics(pred, truth, spacing, self.classes)}
             self.records.append(record)
             logger.info(
                 "%s: %s",
                 case,
                 ", ".join(f"{n} Dice {record[f'{n}_dice']:.3f}" for n in self.classes.values()),
             )
+            if ANEURYSM_LABEL in self.classes:
+                self.aneurysms.append(self._measure(item, case, pred, truth, label))
+
+    def _measure(
+        self, item: Mapping[str, Any], case: str, pred: np.ndarray, truth: np.ndarray, label: torch.Tensor
+    ) -> CaseAneurysms:
+        """Write the case's aneurysm files; ``pred`` and ``truth`` (D, H, W), ``label`` (1, D, H, W)."""
+        affine = np.asarray(label.affine.detach().cpu(), dtype=float)  # the label's file's grid
+        image_file = self._image_file(item)
+        image = self._image(case, image_file, truth.shape) if self.save_pictures else None
+        files = {"label": str(label.meta.get("filename_or_obj", "")), "image": image_file}
+        return write_case_aneurysms(self.output_dir, case, pred, truth, affine, image, extra=files)
+
+    def _image_file(self, item: Mapping[str, Any]) -> str | None:
+        meta = getattr(item.get(self.image_key), "meta", None) or {}
+        return str(meta["filename_or_obj"]) if meta.get("filename_or_obj") else None
+
+    def _image(self, case: str, image_file: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
+        """(D, H, W) image as read from its file, for the picture; None (and a warning) when there is none."""
+        if image_file is None:
+            logger.warning("%s: no %r with a file name in the batch, so no picture", case, self.image_key)
+            return None
+        volume = np.asarray(LoadImage(image_only=True)(image_file), dtype=np.float32)
+        if volume.shape != shape:
+            logger.warning(
+                "%s: image %s has shape %s, the label %s, so no picture",
+                case,
+                image_file,
+                volume.shape,
+                shape,
+            )
+            return None
+        return volume
 
     def _write(self, engine: Engine) -> None:
-        engine.state.metrics["summary"] = write_evaluation(self.records, self.output_dir)
+        aneurysms = self.aneurysms if ANEURYSM_LABEL in self.classes else None
+        engine.state.metrics["summary"] = write_evaluation(self.records, self.output_dir, aneurysms)
 
 
 class FinalValidation:

@@ -4,7 +4,8 @@
 grid and the 4x4 voxel-to-world affine that goes with it (``nibabel.load(f).affine``, or a MONAI
 MetaTensor's ``.affine``, both RAS), and returns one :class:`AneurysmMeasurement` per aneurysm component.
 :func:`write_case_measurements` writes one case as JSON and :func:`write_run_table` a whole run as CSV,
-one row per aneurysm.
+one row per aneurysm. :func:`aneurysm_components` adds the voxel map of the components under those
+numbers (for per-component comparisons, e.g. which true aneurysm a prediction found).
 
 Conventions:
 
@@ -94,6 +95,7 @@ __all__ = [
     "COORDINATE_SYSTEM",
     "RUN_TABLE_COLUMNS",
     "AneurysmMeasurement",
+    "aneurysm_components",
     "measure_aneurysms",
     "table_rows",
     "write_case_measurements",
@@ -403,6 +405,43 @@ def measure_aneurysms(label: np.ndarray, affine: np.ndarray) -> list[AneurysmMea
     measured.sort(key=lambda m: (-m["voxels"], *m["centroid_ras_mm"]))
     logger.debug("measured %d aneurysm components", count)
     return [AneurysmMeasurement(index=i, **m) for i, m in enumerate(measured, start=1)]
+
+
+def aneurysm_components(
+    label: np.ndarray, affine: np.ndarray
+) -> tuple[list[AneurysmMeasurement], np.ndarray]:
+    """:func:`measure_aneurysms` and where each measured aneurysm is, under the same numbers.
+
+    Each 26-connected component of label 2 is matched to its measurement by voxel count and centroid
+    (the nearest of the components of that count), so the map follows :func:`measure_aneurysms`'s
+    numbering whatever that rule is.
+
+    Args:
+        label: (D, H, W) labels 0/1/2, as for :func:`measure_aneurysms`.
+        affine: (4, 4) voxel-to-world matrix, as for :func:`measure_aneurysms`.
+
+    Returns:
+        ``(measurements, numbers)``: the measurements, and a (D, H, W) int32 map holding each aneurysm
+        voxel's ``index`` (1..N) and 0 elsewhere.
+
+    Raises:
+        ValueError: as :func:`measure_aneurysms`.
+    """
+    measurements = measure_aneurysms(label, affine)
+    array, matrix = _check_label(label), _check_affine(affine)
+    components, count = ndimage.label(array == ANEURYSM_LABEL, structure=_COMPONENT_STRUCTURE)
+    voxels, centres = np.zeros(count, dtype=np.int64), np.zeros((count, 3))
+    for number, box in enumerate(ndimage.find_objects(components), start=1):
+        inside = np.argwhere(components[box] == number)  # (n, 3) voxel indices within the box
+        voxels[number - 1] = len(inside)
+        centres[number - 1] = inside.mean(axis=0) + [s.start for s in box]
+    centres = centres @ matrix[:3, :3].T + matrix[:3, 3]  # (count, 3) mean voxel index -> world mm
+    number_of = np.zeros(count + 1, dtype=np.int32)
+    for m in measurements:
+        candidates = np.flatnonzero((voxels == m.voxels) & (number_of[1:] == 0))
+        distances = np.linalg.norm(centres[candidates] - np.asarray(m.centroid_ras_mm), axis=1)
+        number_of[candidates[int(np.argmin(distances))] + 1] = m.index
+    return measurements, number_of[components]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from PIL import Image
 
 from scripts.networks import AdditiveFusion, CalibratedFusion, EncoderMismatchError, RoomLite
 
@@ -172,6 +174,22 @@ def test_evaluation_writes_per_case_and_summary(trained, tiny_dataset):
     assert summary["n_cases"] == 1 and summary["failure"]["n"] == 1
     assert {"vessel", "aneurysm"} <= set(summary["classes"])
     assert "aneurysm" in (eval_dir / "summary.md").read_text()
+    # the aneurysms of truth and prediction, in the label's geometry, and the picture of both
+    case = json.loads((eval_dir / "case_002_aneurysms.json").read_text())
+    assert len(case["truth"]) == 1 and case["picture"] == "case_002_mip.png"
+    assert case["truth"][0]["volume_mm3"] == pytest.approx(case["truth"][0]["voxels"] * 0.4**3)
+    # truth and prediction side by side, three square views each (one view alone is 3 heights wide)
+    with Image.open(eval_dir / "case_002_mip.png") as picture:
+        assert picture.width > 5 * picture.height
+    (record,) = csv.DictReader((eval_dir / "per_case.csv").read_text().splitlines())
+    aneurysms = list(csv.DictReader((eval_dir / "aneurysms.csv").read_text().splitlines()))
+    assert [row["source"] for row in aneurysms].count("truth") == 1
+    hits, false_positives = int(record["aneurysm_hits"]), int(record["aneurysm_false_positives"])
+    assert [row["detected"] for row in aneurysms].count("True") == hits
+    assert [row["false_positive"] for row in aneurysms].count("True") == false_positives
+    report = (eval_dir / "report.md").read_text()
+    assert (eval_dir / "summary.md").read_text().rstrip() in report and "](case_002_mip.png)" in report
+    assert report.count("| case_002.nii.gz |") == len(aneurysms)
 
 
 def inference_on_one_scan(bundle_root: Path, tmp_path: Path, affine=None, **overrides) -> ConfigWorkflow:

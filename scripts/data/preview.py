@@ -10,8 +10,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-__all__ = ["save_oriented_preview", "save_preview"]
+__all__ = [
+    "COMPARISON_GAP",
+    "render_oriented_preview",
+    "render_preview",
+    "save_oriented_comparison",
+    "save_oriented_preview",
+    "save_preview",
+]
 
+COMPARISON_GAP = 16
+"""Pixels between the pictures of :func:`save_oriented_comparison` (the panels of one are 4 apart)."""
+_PANEL_GAP = 4
+_BACKGROUND_RGB = (30, 30, 30)
 _ANEURYSM_RGB = np.array([255, 40, 40], dtype=np.float32)
 _VESSEL_RGB = np.array([40, 220, 90], dtype=np.float32)
 
@@ -70,10 +81,16 @@ def _views(volume: np.ndarray, reduce) -> list[np.ndarray]:
 
 
 def save_preview(
+    image: np.ndarray, label: np.ndarray, spacing: Sequence[float], path: str | os.PathLike, **kwargs
+) -> str:
+    """Write :func:`render_preview` of a volume as a PNG (parent folders created); return the path."""
+    return _save(render_preview(image, label, spacing, **kwargs), path)
+
+
+def render_preview(
     image: np.ndarray,
     label: np.ndarray,
     spacing: Sequence[float],
-    path: str | os.PathLike,
     *,
     vessel_outline: bool = True,
     slices: bool = True,
@@ -84,14 +101,13 @@ def save_preview(
     markers: Sequence[tuple[Sequence[float], float]] = (),
     vessel_alpha: float = 0.0,
     numbers: Sequence[tuple[Sequence[float], str]] = (),
-) -> str:
-    """Write a PNG: MIPs along Z, Y and X side by side, aneurysm (label 2) overlaid in red.
+) -> Image.Image:
+    """MIPs along Z, Y and X side by side, aneurysm (label 2) overlaid in red, as an RGB image.
 
     Args:
         image: (X, Y, Z) intensities.
         label: (X, Y, Z) labels, 0 background, 1 vessel, 2 aneurysm.
         spacing: voxel spacing (mm) along (X, Y, Z); panels are resampled to square millimetres.
-        path: output ``.png`` path; parent folders are created.
         vessel_outline: draw the outline of the projected vessel label in green. Default True.
         slices: add a second row with the axial, coronal and sagittal slices through the largest
             aneurysm's centroid (the volume centre without aneurysm), to show the slice appearance.
@@ -106,7 +122,7 @@ def save_preview(
             each aneurysm's number at its centroid).
 
     Returns:
-        the path written.
+        the picture, panels on a dark grey canvas 4 pixels apart.
     """
     image = np.asarray(image)
     label = np.asarray(label)
@@ -118,36 +134,59 @@ def save_preview(
     pixel_mm = [(sy, sx), (sz, sx), (sz, sy)]
     low, high = np.percentile(image, [1.0, 99.95])
 
-    rows: list[list[Image.Image]] = []
     mips = _views(image, lambda v, axis: v.max(axis=axis))
     aneurysm_proj = _views(label == 2, lambda v, axis: v.any(axis=axis))
     vessel_proj = _views(label == 1, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
-    rows.append(
+    rows = [
         [
             _panel(_window(m, low, high), a, v, px, scale, alpha, vessel_alpha)
             for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
         ]
-    )
+    ]
     if slices:
         centre = tuple(int(c) for c in focus) if focus is not None else _focus(label)
-        cuts = [
-            (image[:, :, centre[2]].T[::-1, :], label[:, :, centre[2]].T[::-1, :]),
-            (image[:, centre[1], :].T[::-1, :], label[:, centre[1], :].T[::-1, :]),
-            (image[centre[0], :, :].T[::-1, :], label[centre[0], :, :].T[::-1, :]),
-        ]
-        rows.append(
-            [
-                _panel(
-                    _window(img, low, high), lab == 2, (lab == 1) if vessel_outline else None, px, scale, 0.25
-                )
-                for (img, lab), px in zip(cuts, pixel_mm, strict=True)
-            ]
-        )
+        rows.append(_slice_row(image, label, centre, (low, high), pixel_mm, scale, vessel_outline))
+    canvas = _arrange(rows, _PANEL_GAP)
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for panel, name in zip(rows[0], ["axial MIP", "coronal MIP", "sagittal MIP"], strict=True):
+        draw.text((x + 4, rows[0][0].height - 14), name, fill=(255, 255, 0))
+        x += panel.width + _PANEL_GAP
+    for voxel, radius in markers:
+        _draw_marker(draw, voxel, radius, (sx, sy, sz), label.shape, rows[0], _PANEL_GAP, scale)
+    for voxel, text in numbers:
+        _draw_number(draw, voxel, text, (sx, sy, sz), label.shape, rows[0], _PANEL_GAP, scale)
+    if title:
+        draw.text((4, 4), title, fill=(255, 255, 0))
+    return canvas
 
-    gap = 4
-    width = sum(p.width for p in rows[0]) + gap * (len(rows[0]) - 1)
+
+def _slice_row(
+    image: np.ndarray,
+    label: np.ndarray,
+    centre: Sequence[int],
+    window: tuple[float, float],
+    pixel_mm: Sequence[tuple[float, float]],
+    scale: float,
+    vessel_outline: bool,
+) -> list[Image.Image]:
+    """Axial, coronal and sagittal slices of (X, Y, Z) ``image`` and ``label`` through voxel ``centre``."""
+    cuts = [
+        (image[:, :, centre[2]].T[::-1, :], label[:, :, centre[2]].T[::-1, :]),
+        (image[:, centre[1], :].T[::-1, :], label[:, centre[1], :].T[::-1, :]),
+        (image[centre[0], :, :].T[::-1, :], label[centre[0], :, :].T[::-1, :]),
+    ]
+    return [
+        _panel(_window(img, *window), lab == 2, (lab == 1) if vessel_outline else None, px, scale, 0.25)
+        for (img, lab), px in zip(cuts, pixel_mm, strict=True)
+    ]
+
+
+def _arrange(rows: Sequence[Sequence[Image.Image]], gap: int) -> Image.Image:
+    """Rows of pictures, left to right and top to bottom, ``gap`` pixels apart on a dark grey canvas."""
+    width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in rows)
     height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
-    canvas = Image.new("RGB", (width, height), (30, 30, 30))
+    canvas = Image.new("RGB", (width, height), _BACKGROUND_RGB)
     y = 0
     for row in rows:
         x = 0
@@ -155,35 +194,34 @@ def save_preview(
             canvas.paste(panel, (x, y))
             x += panel.width + gap
         y += max(p.height for p in row) + gap
-    draw = ImageDraw.Draw(canvas)
-    names = ["axial MIP", "coronal MIP", "sagittal MIP"]
-    x = 0
-    for panel, name in zip(rows[0], names, strict=True):
-        draw.text((x + 4, rows[0][0].height - 14), name, fill=(255, 255, 0))
-        x += panel.width + gap
-    for voxel, radius in markers:
-        _draw_marker(draw, voxel, radius, (sx, sy, sz), label.shape, rows[0], gap, scale)
-    for voxel, text in numbers:
-        _draw_number(draw, voxel, text, (sx, sy, sz), label.shape, rows[0], gap, scale)
-    if title:
-        draw.text((4, 4), title, fill=(255, 255, 0))
+    return canvas
+
+
+def _save(picture: Image.Image, path: str | os.PathLike) -> str:
+    """Write ``picture`` to ``path`` (format from its ending), creating the parent folders."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    picture.save(path)
     return path
 
 
 def save_oriented_preview(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, path: str | os.PathLike, **kwargs
+) -> str:
+    """Write :func:`render_oriented_preview` as a PNG (parent folders created); return the path."""
+    return _save(render_oriented_preview(image, label, affine, **kwargs), path)
+
+
+def render_oriented_preview(
     image: np.ndarray,
     label: np.ndarray,
     affine: np.ndarray,
-    path: str | os.PathLike,
     *,
     world_numbers: Sequence[tuple[Sequence[float], str]] = (),
     panel_pixels: int = 320,
     **kwargs,
-) -> str:
-    """:func:`save_preview` of a volume in its file's own voxel axes, whatever its orientation.
+) -> Image.Image:
+    """:func:`render_preview` of a volume in its file's own voxel axes, whatever its orientation.
 
     The arrays are reordered (axes permuted and flipped, never resampled: every voxel is shown as it is)
     to the closest RAS axes (``nibabel.orientations.io_orientation``), so that the panels are axial,
@@ -193,14 +231,13 @@ def save_oriented_preview(
         image: (D, H, W) intensities in the file's voxel axes.
         label: (D, H, W) labels 0/1/2 on the same grid.
         affine: (4, 4) voxel-to-world (RAS mm) matrix of that grid.
-        path: output ``.png`` path.
         world_numbers: ``(point, text)`` labels at world (RAS mm) points, e.g. each aneurysm's number at its
             centroid; drawn on every MIP.
         panel_pixels: size in pixels of the volume's longest side (in mm) on its panels. Default 320.
-        **kwargs: further :func:`save_preview` arguments (``slices``, ``title``, ``vessel_alpha``, ...).
+        **kwargs: further :func:`render_preview` arguments (``slices``, ``title``, ``vessel_alpha``, ...).
 
     Returns:
-        the path written.
+        the picture.
     """
     image, label, affine = np.asarray(image), np.asarray(label), np.asarray(affine, dtype=float)
     if image.ndim != 3 or image.shape != label.shape:
@@ -214,7 +251,51 @@ def save_oriented_preview(
     to_voxel = np.linalg.inv(ras_affine)
     numbers = [((to_voxel @ [*point, 1.0])[:3], text) for point, text in world_numbers]
     scale = panel_pixels / float(np.max(np.asarray(label.shape) * spacing))
-    return save_preview(image, label, spacing, path, scale=scale, numbers=numbers, **kwargs)
+    return render_preview(image, label, spacing, scale=scale, numbers=numbers, **kwargs)
+
+
+def save_oriented_comparison(
+    image: np.ndarray,
+    labels: Sequence[np.ndarray],
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    titles: Sequence[str | None] | None = None,
+    world_numbers: Sequence[Sequence[tuple[Sequence[float], str]]] | None = None,
+    **kwargs,
+) -> str:
+    """Write one image with several label volumes (e.g. truth and prediction) side by side as a PNG.
+
+    Each label volume gets its own :func:`render_oriented_preview` of the same image (same window, same
+    scale), left to right in the order given, :data:`COMPARISON_GAP` pixels apart.
+
+    Args:
+        image: (D, H, W) intensities in the file's voxel axes.
+        labels: one or more (D, H, W) label volumes 0/1/2 on the image's grid.
+        affine: (4, 4) voxel-to-world (RAS mm) matrix of that grid.
+        path: output ``.png`` path; parent folders are created.
+        titles: one title (or None) per label volume. Default none.
+        world_numbers: one ``[(point, text), ...]`` per label volume, as for :func:`render_oriented_preview`.
+            Default none.
+        **kwargs: further :func:`render_oriented_preview` arguments, the same for every picture.
+
+    Returns:
+        the path written.
+    """
+    if len(labels) == 0:
+        raise ValueError("labels must hold at least one label volume, got none.")
+    titles = list(titles) if titles is not None else [None] * len(labels)
+    world_numbers = list(world_numbers) if world_numbers is not None else [()] * len(labels)
+    if not len(titles) == len(world_numbers) == len(labels):
+        raise ValueError(
+            f"one title and one list of numbers per label volume: {len(labels)} labels, {len(titles)} titles, "
+            f"{len(world_numbers)} lists of numbers."
+        )
+    pictures = [
+        render_oriented_preview(image, label, affine, title=title, world_numbers=numbers, **kwargs)
+        for label, title, numbers in zip(labels, titles, world_numbers, strict=True)
+    ]
+    return _save(_arrange([pictures], COMPARISON_GAP), path)
 
 
 def _mip_spots(voxel, spacing, shape, panels, gap, scale) -> list[tuple[float, float]]:
