@@ -14,7 +14,8 @@
    case failed, raises :class:`CasesFailed`: ``python -m monai.bundle run`` exits with status 1 and one line
    naming the failed files.
 
-Per case, ``<case>`` being the input's file name without ``.nii.gz`` / ``.nii``:
+Per case, ``<case>`` being the input's file name without ``.nii.gz`` / ``.nii``, or the name of a folder holding one
+DICOM series (read by :class:`scripts.data.dicom.VolumeReader`; its outputs are NIfTI too, in RAS):
 
 * ``<case>_seg.nii.gz``: uint8 labels 0 background, 1 vessel, 2 aneurysm, in the input's own shape, affine and
   spacing (MONAI's ``NibabelWriter``, as ``SaveImaged`` writes it);
@@ -52,9 +53,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import Dataset, NibabelWriter
 from monai.data.utils import list_data_collate
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import MapTransform
 
 from scripts.atomic_io import replace_atomically, write_atomically
+from scripts.data.dicom import VolumeReader
 from scripts.data.preview import save_oriented_preview
 from scripts.measurements import (
     AneurysmMeasurement,
@@ -109,8 +111,9 @@ class CasesFailed(SystemExit):
 
 
 def case_name(image: str | Path) -> str:
-    """The name a case's outputs start with: the file name without ``.nii.gz`` or ``.nii``."""
-    name = Path(str(image)).name
+    """The name a case's outputs start with: the file name without ``.nii.gz`` or ``.nii``; a DICOM series
+    folder's name."""
+    name = Path(str(image)).name or Path(str(image)).resolve().name  # "." as dataset_dir holding a series
     for ending in (".nii.gz", ".nii"):
         if name.endswith(ending) and len(name) > len(ending):
             return name[: -len(ending)]
@@ -373,7 +376,8 @@ class InferenceRun:
         measurements: Sequence[AneurysmMeasurement],
     ) -> None:
         """MIPs of the input as read from its file, the labels overlaid, each aneurysm numbered."""
-        volume = np.asarray(LoadImage(image_only=True)(image), dtype=np.float32)
+        reader = VolumeReader()  # NIfTI or DICOM series, as configs/inference.yaml loads it
+        volume = np.asarray(reader.get_data(reader.read(image))[0], dtype=np.float32)  # (X, Y, Z)
         title = f"{case_name(image)}: {_found(measurements)}"
         numbers = [(m.centroid_ras_mm, str(m.index)) for m in measurements]
         replace_atomically(

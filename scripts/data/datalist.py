@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from scripts.data.dicom import dicom_files
+
 logger = logging.getLogger(__name__)
 
 DATALIST_NAME = "dataset.json"
@@ -110,23 +112,41 @@ def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dic
 
 
 def inference_inputs(dataset_dir: str | None = None, input_files: list[str] | None = None) -> list[dict]:
-    """``[{"image": path}, ...]`` for inference: the given files, or every NIfTI file in ``dataset_dir``.
+    """``[{"image": path}, ...]`` for inference: NIfTI files and folders each holding one DICOM series.
+
+    Args:
+        dataset_dir: a folder whose ``.nii`` / ``.nii.gz`` files and whose sub-folders holding DICOM files are
+            the cases (a sub-folder one series, named after it), with the folder itself when it holds DICOM
+            files; other sub-folders are skipped (logged). Cases in name order.
+        input_files: NIfTI files or DICOM series folders, in the order given; used instead of ``dataset_dir``.
+
+    A series folder is checked when it is read (``scripts.data.dicom.DicomSeriesReader``), so one with two
+    series or a missing slice fails as one case and the others go on.
 
     Raises:
         ValueError: neither or no volumes given.
-        FileNotFoundError: a named file does not exist.
+        FileNotFoundError: a named file or folder does not exist.
     """
     if input_files:
         files = [Path(f) for f in ([input_files] if isinstance(input_files, str) else input_files)]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"Inference input file(s) not found: {missing}")
     elif dataset_dir:
-        files = sorted(p for p in Path(dataset_dir).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        folder = Path(dataset_dir)
+        children = sorted(folder.iterdir())
+        niftis = [p for p in children if p.is_file() and p.name.endswith((".nii", ".nii.gz"))]
+        subfolders = [p for p in children if p.is_dir() and not p.name.startswith(".")]
+        series = [p for p in [folder, *subfolders] if dicom_files(p)]
+        skipped = [p.name for p in subfolders if p not in series]
+        if skipped:
+            logger.info("%s: sub-folders without DICOM files, skipped: %s", folder, skipped)
+        files = sorted(niftis + series)
     else:
         raise ValueError(
-            "Inference needs input_files (a list of NIfTI files) or dataset_dir (a folder of them)."
+            "Inference needs input_files (a list of NIfTI files or DICOM series folders) or dataset_dir "
+            "(a folder of them)."
         )
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"Inference input file(s) not found: {missing}")
     if not files:
-        raise ValueError(f"{dataset_dir}: no .nii or .nii.gz files to segment.")
+        raise ValueError(f"{dataset_dir}: no .nii or .nii.gz files and no DICOM series folders to segment.")
     return [{"image": str(f)} for f in files]
