@@ -14,6 +14,10 @@
    case failed, raises :class:`CasesFailed`: ``python -m monai.bundle run`` exits with status 1 and one line
    naming the failed files.
 
+Past one process (``configs/multi_gpu_inference.yaml`` under ``torchrun``): rank ``r`` of ``w`` owns the
+cases ``r, r + w, r + 2w, ...`` of the input order (skips, computes and writes them, and only them), and
+:meth:`InferenceRun.finish` gathers every rank's records so that rank 0 writes the run's files once.
+
 Per case, ``<case>`` being the input's file name without ``.nii.gz`` / ``.nii``, or the name of a folder holding one
 DICOM series (read by :class:`scripts.data.dicom.VolumeReader`; its outputs are NIfTI too, in RAS):
 
@@ -192,10 +196,12 @@ class InferenceRun:
             ``prob``; ``configs/inference.yaml`` does when this is True). Default False.
         overwrite: recompute cases whose outputs are already complete. Default False (they are skipped).
         image_key: the datalist's image key. Default ``"image"``.
+        rank: this process's rank; it owns the cases whose index modulo ``world_size`` is ``rank``. Default 0.
+        world_size: processes sharing the run (``torch.distributed``'s world when above 1). Default 1.
 
     Raises:
         ValueError: a switch is not a real bool (``--overwrite false`` arrives as a string), a case has no
-            image, or two cases would write the same output names.
+            image, two cases would write the same output names, or ``rank`` is not in ``range(world_size)``.
     """
 
     def __init__(
@@ -206,7 +212,19 @@ class InferenceRun:
         save_probabilities: bool = False,
         overwrite: bool = False,
         image_key: str = "image",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not (
+            isinstance(world_size, int)
+            and world_size >= 1
+            and isinstance(rank, int)
+            and 0 <= rank < world_size
+        ):
+            raise ValueError(
+                f"rank must be in range(world_size), got rank={rank!r}, world_size={world_size!r}"
+            )
+        self.rank, self.world_size = rank, world_size
         for key, value in (
             ("save_pictures", save_pictures),
             ("save_probabilities", save_probabilities),
@@ -259,13 +277,13 @@ class InferenceRun:
         return _read_measurements(self.outputs(name)["measurements"])
 
     def pending(self) -> list[dict[str, Any]]:
-        """The cases to compute, in input order: all with ``overwrite``, else those not complete yet.
+        """This rank's cases to compute, in input order: all with ``overwrite``, else those not complete yet.
 
         Decided once per run (complete cases are logged as skipped then); later calls return the same list.
         """
         if self._pending is None:
             self._pending = []
-            for case in self.cases:
+            for case in self.cases[self.rank :: self.world_size]:
                 name = case_name(case[self.image_key])
                 measurements = None if self.overwrite else self._complete(name)
                 if measurements is None:
@@ -295,7 +313,10 @@ class InferenceRun:
         if self._started is None:
             self._started = self._last = time.perf_counter()
             total = len(self._pending if self._pending is not None else self.cases)
-            logger.info("segmenting %d of %d cases into %s", total, len(self.cases), self.output_dir)
+            shared = f" (process {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+            logger.info(
+                "segmenting %d of %d cases into %s%s", total, len(self.cases), self.output_dir, shared
+            )
 
     def _eta(self) -> str:
         now = time.perf_counter()
@@ -403,10 +424,11 @@ class InferenceRun:
         failed.
 
         A case that was to be computed but produced no outputs (a post-processing without
-        :class:`WriteCaseOutputsd`) counts as failed.
+        :class:`WriteCaseOutputsd`) counts as failed. With ``world_size`` above 1 every rank must call this
+        (it gathers all ranks' records); rank 0 writes the files and raises, the others return the summary.
 
         Returns:
-            the summary (what ``summary.json`` holds) when no case failed.
+            the summary (what ``summary.json`` holds) when no case failed, or on ranks other than 0.
         """
         for case in self._pending or []:
             name = case_name(case[self.image_key])
@@ -416,6 +438,8 @@ class InferenceRun:
                     "image": self.images[name],
                     "problem": "no outputs were written for it",
                 }
+        if self.world_size > 1:
+            self._gather()
         order = sorted(self.number, key=self.number.get)
         complete = [name for name in order if name in self.done or name in self.skipped]
         rows = [row for name in complete for row in table_rows(name, self.measurements[name])]
@@ -432,6 +456,8 @@ class InferenceRun:
             "skipped": [self.skipped[n] for n in order if n in self.skipped],
             "failed": [self.failed[n] for n in order if n in self.failed],
         }
+        if self.rank != 0:
+            return summary
         write_run_table(self.output_dir / TABLE_FILE, rows)
         write_atomically(self.output_dir / REPORT_FILE, self._report(summary, complete, rows))
         write_atomically(
@@ -451,6 +477,17 @@ class InferenceRun:
                 summary["failed"],
             )
         return summary
+
+    def _gather(self) -> None:
+        """Merge every rank's done, skipped and failed records and measurements into this one."""
+        mine = (self.done, self.skipped, self.failed, self.measurements)
+        ranks: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+        for done, skipped, failed, measurements in ranks:
+            self.done.update(done)
+            self.skipped.update(skipped)
+            self.failed.update(failed)
+            self.measurements.update(measurements)
 
     def _report(self, summary: Mapping[str, Any], complete: Sequence[str], rows: Sequence[dict]) -> str:
         """``report.md``: counts, the aneurysm table, the failed cases and the pictures."""

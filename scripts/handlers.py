@@ -207,8 +207,26 @@ class SegmentationMetricsWriter:
         return volume
 
     def _write(self, engine: Engine) -> None:
-        aneurysms = self.aneurysms if ANEURYSM_LABEL in self.classes else None
-        engine.state.metrics["summary"] = write_evaluation(self.records, self.output_dir, aneurysms)
+        records, aneurysms = gather_in_sampler_order(self.records), gather_in_sampler_order(self.aneurysms)
+        if idist.get_rank() != 0:
+            return  # rank 0 writes the run's files, with every rank's cases
+        scored = aneurysms if ANEURYSM_LABEL in self.classes else None
+        engine.state.metrics["summary"] = write_evaluation(records, self.output_dir, scored)
+
+
+def gather_in_sampler_order(items: list[Any]) -> list[Any]:
+    """Every rank's ``items`` (one per case, in the order the rank met them), in the cases' dataset order.
+
+    Under ``torch.distributed`` with MONAI's ``DistributedSampler(shuffle=False)``, rank ``r`` of ``w`` meets
+    the cases ``r, r + w, r + 2w, ...``, so interleaving the ranks' lists restores the order one process
+    would have; without a process group ``items`` come back as they are.
+    """
+    world = idist.get_world_size()
+    if world == 1:
+        return list(items)
+    ranks: list[Any] = [None] * world
+    torch.distributed.all_gather_object(ranks, list(items))
+    return [ranks[r][i] for i in range(max(map(len, ranks))) for r in range(world) if i < len(ranks[r])]
 
 
 class FinalValidation:

@@ -317,3 +317,39 @@ def test_readme_command_on_a_folder_with_a_bad_case(inputs, tmp_path):
     logged = [line for line in result.stdout.splitlines() if str(folder / "b.nii.gz") in line]
     assert len(logged) == 1 and "image contains NaN" in logged[0]
     assert all((out / f).is_file() for f in case_files("a") + case_files("d"))
+
+
+def test_two_processes_share_the_cases_and_write_each_file_once(inputs, tmp_path):
+    """``torchrun`` with configs/multi_gpu_inference.yaml, two gloo processes on a, b (NaN), c (unreadable)
+    and d: rank 0 owns a and c, rank 1 owns b and d. Each case's files come from its owner, the run's files
+    from rank 0 with all four cases, the labels are those of one process, and the run exits non-zero."""
+    from test_bundle import torchrun_workflow
+
+    out = tmp_path / "out"
+    settings = {
+        "dataset_dir": str(inputs),
+        "model_path": str(inputs.parent / "model.pt"),
+        "output_dir": str(out),
+        **OVERRIDES,
+    }
+    configs = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "multi_gpu_inference.yaml")]
+    run = torchrun_workflow(None, configs, out, settings)
+
+    assert run["returncode"] != 0, run["report"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [case["case"] for case in summary["done"]] == ["a", "d"], run["report"]
+    assert [case["case"] for case in summary["failed"]] == ["b", "c"]
+    assert "inference: 2 of 4 cases failed" in run["log0"] and "cases failed" not in run["log1"]
+    run_files = {"summary.json", "measurements.csv", "report.md"}
+    assert set(case_files("a")) | run_files <= run["wrote0"], run["wrote0"]
+    assert set(case_files("d")) <= run["wrote1"], run["wrote1"]
+    assert not set(case_files("d")) & run["wrote0"]
+    assert not (set(case_files("a")) | run_files) & run["wrote1"]
+
+    assert isinstance(infer(inputs, tmp_path / "one"), CasesFailed)
+    assert (out / "measurements.csv").read_text() == (tmp_path / "one" / "measurements.csv").read_text()
+    for name in ("a", "d"):
+        shared, alone = (nib.load(d / f"{name}_seg.nii.gz") for d in (out, tmp_path / "one"))
+        assert np.array_equal(shared.get_fdata(), alone.get_fdata()) and np.allclose(
+            shared.affine, alone.affine
+        )

@@ -357,14 +357,19 @@ finally:
 """
 
 
-def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: str = "", **overrides) -> dict:
-    """Train with ``configs/multi_gpu_train.yaml`` in two gloo processes, as the README's torchrun command
-    does. Returns the return code and, per rank, its output and the files it wrote under ``bundle_root``."""
-    bundle_root.parent.mkdir(parents=True, exist_ok=True)
-    records = Path(tempfile.mkdtemp(prefix=f"{bundle_root.name}_ranks_", dir=bundle_root.parent))
+def torchrun_workflow(
+    workflow: str | None,
+    config_files: list[str],
+    record_root: Path,
+    settings: dict,
+    kill_before_rename_to: str = "",
+) -> dict:
+    """Run ``python -m monai.bundle run [workflow]`` in two gloo processes under ``torchrun``, as the README's
+    multi-GPU commands do. Returns the return code and, per rank, its output and the files it wrote under
+    ``record_root``."""
+    record_root.parent.mkdir(parents=True, exist_ok=True)
+    records = Path(tempfile.mkdtemp(prefix=f"{record_root.name}_ranks_", dir=record_root.parent))
     (records / "worker.py").write_text(RANK_RECORDER)
-    settings = {**TINY, "bundle_root": str(bundle_root), "dataset_dir": str(dataset), **overrides}
-    configs = json.dumps([TRAIN, str(CONFIGS / "multi_gpu_train.yaml")])
     command = [
         sys.executable,
         "-m",
@@ -372,13 +377,15 @@ def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: s
         "--nproc_per_node=2",
         str(records / "worker.py"),
     ]
-    command += ["run", "training", "--config_file", configs, "--meta_file", META, "--logging_file", LOGGING]
+    command += ["run", *([workflow] if workflow else []), "--config_file", json.dumps(config_files)]
+    command += ["--meta_file", META, "--logging_file", LOGGING]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "RECORD_DIR": str(records),
-        "RECORD_ROOT": str(bundle_root),
+        "RECORD_ROOT": str(record_root),
         "KILL_BEFORE_RENAME_TO": kill_before_rename_to,
+        "PYTHONPATH": os.pathsep.join([str(BUNDLE_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
         command + cli_overrides(settings),
@@ -395,6 +402,13 @@ def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: s
         run[f"wrote{rank}"] = set(json.loads(written.read_text())) if written.is_file() else None
     run["report"] = f"{run['launcher']}\nrank 0:\n{run['log0'][-3000:]}\nrank 1:\n{run['log1'][-3000:]}"
     return run
+
+
+def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: str = "", **overrides) -> dict:
+    """Train with ``configs/multi_gpu_train.yaml`` in two gloo processes (:func:`torchrun_workflow`)."""
+    settings = {**TINY, "bundle_root": str(bundle_root), "dataset_dir": str(dataset), **overrides}
+    configs = [TRAIN, str(CONFIGS / "multi_gpu_train.yaml")]
+    return torchrun_workflow("training", configs, bundle_root, settings, kill_before_rename_to)
 
 
 @pytest.fixture(scope="module")
@@ -458,6 +472,57 @@ def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_ca
     assert len(per_case) == 2 and per_case[0] != per_case[1]  # so one rank's case alone would show
     for name in ("val_score", "val_mean_dice", "val_vessel_dice", "val_aneurysm_dice"):
         assert logged[name][-1] == pytest.approx(evaluator.state.metrics[name], abs=1e-6), name
+
+
+def test_multi_gpu_evaluation_writes_each_case_once_and_what_one_process_writes(
+    ddp_trained, two_case_dataset, tmp_path
+):
+    """Two gloo processes evaluate three cases (rank 0 gets the first and the third): each case's files come
+    from one rank, the run's files from rank 0 alone, and they are those of one process evaluating alone."""
+    root, _ = ddp_trained
+    entries = json.loads((two_case_dataset / "dataset.json").read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"test": entries["training"][:1] + entries["validation"]}))
+    settings = {**TINY, "dataset_dir": str(data), "model_path": str(root / "models" / "model.pt")}
+    configs = [TRAIN, str(CONFIGS / "evaluate.yaml")]
+    run = torchrun_workflow(
+        "evaluating",
+        [*configs, str(CONFIGS / "multi_gpu_evaluate.yaml")],
+        tmp_path / "two",
+        {**settings, "bundle_root": str(tmp_path / "two")},
+    )
+    assert run["returncode"] == 0, run["report"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran
+    try:
+        alone = workflow(configs, "train", **{**settings, "bundle_root": str(tmp_path / "one")})
+        alone.initialize()
+        alone.run()
+        alone.finalize()
+    finally:
+        torch.set_num_threads(threads)
+
+    one, two = tmp_path / "one" / "outputs" / "eval", tmp_path / "two" / "outputs" / "eval"
+    run_files = ["per_case.csv", "summary.json", "summary.md", "aneurysms.csv", "report.md"]
+    for name in run_files:
+        assert (two / name).read_text() == (one / name).read_text(), name
+    assert [row.split(",")[0] for row in (two / "per_case.csv").read_text().splitlines()[1:]] == [
+        "case_000.nii.gz", "case_001.nii.gz", "empty_label.nii.gz"
+    ]  # fmt: skip
+    wrote = [
+        {p.removeprefix("outputs/eval/") for p in run[f"wrote{r}"] if p.startswith("outputs/eval/")}
+        for r in (0, 1)
+    ]
+    assert set(run_files) <= wrote[0] and not set(run_files) & wrote[1]
+    per_case = {p.name for p in one.iterdir()} - set(run_files)
+    assert per_case == {
+        f"{c}_{kind}"
+        for c in ("case_000", "case_001", "empty_label")
+        for kind in ("aneurysms.json", "mip.png")
+    }
+    assert all((name in wrote[0]) != (name in wrote[1]) for name in per_case), wrote
+    assert {n for n in per_case if n.startswith("case_001")} <= wrote[1]
 
 
 @pytest.mark.slow
