@@ -255,8 +255,8 @@ def _readme_ablation_overrides() -> dict[str, list[str]]:
     rows = {}
     for line in (BUNDLE_ROOT / "README.md").read_text().splitlines():
         cells = [c.strip(" `") for c in line.strip().strip("|").split("|")]
-        if len(cells) == 2 and cells[1].startswith("--use_"):
-            rows[cells[0]] = cells[1].split()
+        if len(cells) == 3 and cells[2].startswith("--use_"):
+            rows[cells[0]] = cells[2].split()
     return rows
 
 

@@ -1,12 +1,17 @@
 """The ablation / cross-centre study on the micro budget with a tiny random encoder: files, resume, refusals,
-and the optional nnU-Net row (skipped without ``nnunetv2``; with a stand-in for nnU-Net otherwise)."""
+and the optional nnU-Net row (skipped without ``nnunetv2``; with a stand-in for nnU-Net otherwise); each
+row's override file (``configs/ablation/``) builds the network its name says, and the README's ablation
+commands parse."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
 import math
+import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -14,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_DINOV3, TINY_IMAGE_SIZE
+from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE
+from monai.bundle import ConfigParser
 
 from scripts import nnunet_baseline, study
 from scripts.data.datalist import load_split
 from scripts.evaluation_report import write_evaluation
 from scripts.metrics import case_metrics, format_mean_std, summarize
-from scripts.networks import EncoderWeightsError
+from scripts.networks import AdditiveFusion, CalibratedFusion, EncoderWeightsError, count_parameters
 
 TINY = {"dino_model": "random", "dino_config": TINY_DINOV3, "dino_image_size": TINY_IMAGE_SIZE}
 ROWS = ["plain_unet", "full", "without_room_lite"]
@@ -72,7 +78,7 @@ def table_cells(text: str, label: str) -> list[str]:
 
 def test_study_config_has_the_paper_rows_and_three_budgets():
     config = study.load_study_config()
-    assert list(config.rows) == PAPER_ROWS
+    assert config.rows == {row: BUNDLE_ROOT / "configs" / "ablation" / f"{row}.yaml" for row in PAPER_ROWS}
     assert config.external_rows == ("nnunet",) and config.labels["nnunet"] == "nnU-Net (3d_fullres)"
     assert study.plan_study("micro").selected == [*PAPER_ROWS, "nnunet"]  # in the default selection
     assert {"micro", "cpu", "full"} <= set(config.budgets)
@@ -84,18 +90,25 @@ def test_study_config_has_the_paper_rows_and_three_budgets():
             assert plan.effective[row]["val_interval"] <= plan.effective[row]["epochs"]
 
 
-def test_precedence_budget_then_command_then_overrides_then_row():
+def test_precedence_budget_then_command_then_overrides_then_row_file():
     plan = study.plan_study("micro", dino_model="cmd-model", dinov2_model="/w/dinov2", seed=3, overrides=TINY)
-    settings = plan.settings
-    assert settings["full"]["dino_model"] == "random"  # overrides beat --dino_model
-    assert settings["random_features"]["dino_model"] == "random:1"  # the row decides its weights
-    assert settings["dinov2_small"]["dino_model"] == "/w/dinov2"  # <dinov2_model>
+    settings, effective = plan.settings, plan.effective
+    for row in PAPER_ROWS:  # the row's file is stacked last on train.yaml and the budget's files
+        assert plan.train_files(row)[-1] == BUNDLE_ROOT / "configs" / "ablation" / f"{row}.yaml"
+        assert plan.evaluate_files(row)[:-1] == plan.train_files(row)
+    assert effective["full"]["dino_model"] == "random"  # overrides beat --dino_model
+    assert effective["random_features"]["dino_model"] == "random:1"  # the row's file decides its weights
+    assert "dino_model" not in settings["random_features"]  # ... because no override replaces it
+    assert effective["dinov2_small"]["dino_model"] == "/w/dinov2"  # --dinov2_model
     assert all(
         settings[row]["dino_config"] == TINY_DINOV3 and settings[row]["seed"] == 3 for row in PAPER_ROWS
     )
     assert settings["nnunet"] == {"method": "nnunet", "budget_minutes": 0.5}  # no override reaches it
-    assert settings["plain_unet"]["use_dino"] is False and settings["full"]["roi_size"] == [32, 32, 32]
-    assert study.plan_study("micro").settings["full"]["dino_model"] == study.DEFAULT_DINO_MODEL
+    assert effective["plain_unet"]["use_dino"] is False and settings["full"]["roi_size"] == [32, 32, 32]
+    default = study.plan_study("micro").effective
+    assert default["full"]["dino_model"] == study.DEFAULT_DINO_MODEL
+    assert default["dinov2_small"]["dino_model"] == study.DEFAULT_DINOV2_MODEL == "facebook/dinov2-small"
+    assert default["random_features"]["dino_model"] == "random:1"
     over = study.plan_study("micro", overrides={"epochs": 2, "roi_size": [16, 16, 16]}).settings["full"]
     assert over["epochs"] == 2 and over["roi_size"] == [16, 16, 16]  # overrides beat the budget
 
@@ -109,7 +122,6 @@ def test_precedence_budget_then_command_then_overrides_then_row():
         ({"budget": "micro", "overrides": {"dataset_dir": "/elsewhere"}}, "dataset_dir"),
         ({"budget": "micro", "overrides": {"validate#dataset#data#key": "training"}}, "validate"),
         ({"budget": "micro", "overrides": {"seed": 1}}, "seed"),
-        ({"budget": "micro", "overrides": {"dino_model": "<nothing>"}}, "placeholder"),
         ({"budget": "micro", "overrides": {"val_interval": 2}}, "val_interval"),
         ({"budget": "micro", "seed": -1}, "seed"),
     ],
@@ -117,6 +129,102 @@ def test_precedence_budget_then_command_then_overrides_then_row():
 def test_bad_plans_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         study.plan_study(**kwargs)
+
+
+def row_network(row: str, **plan_kwargs):
+    """The network ``row``'s workflows build: its config files and overrides, through the bundle's parser."""
+    plan = study.plan_study("micro", rows=row, **plan_kwargs)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in plan.train_files(row)])
+    parser.update(plan.settings[row])
+    return parser.get_parsed_content("network_def")
+
+
+def calibrated(net) -> bool:
+    return len(net.fusions) > 0 and all(isinstance(f, CalibratedFusion) for f in net.fusions)
+
+
+# row -> what its override file must build (with the tests' tiny random encoder where it names none)
+ROW_FILE_BUILDS = {
+    "plain_unet": lambda net, n: net.slice_encoder is None and n["dino_path"] == 0 and not net.fusions,
+    "random_features": lambda net, n: (
+        net.slice_encoder.provenance.source == "random:1" and n["room_lite"] > 0 and calibrated(net)
+    ),
+    "without_calibration": lambda net, n: (
+        len(net.fusions) > 0
+        and all(isinstance(f, AdditiveFusion) for f in net.fusions)
+        and n["room_lite"] > 0
+    ),
+    "without_room_lite": lambda net, n: n["room_lite"] == 0 and n["dino_path"] > 0 and calibrated(net),
+    "full": lambda net, n: (
+        net.slice_encoder.provenance.source == "random:0" and n["room_lite"] > 0 and calibrated(net)
+    ),
+}
+
+
+@pytest.mark.parametrize("row", ROW_FILE_BUILDS)
+def test_each_row_file_builds_the_network_its_name_says(row):
+    net = row_network(row, overrides=TINY)
+    assert ROW_FILE_BUILDS[row](net, count_parameters(net))
+
+
+def test_the_dinov2_row_file_names_dinov2_small_and_the_command_gives_a_local_copy(tiny_dinov2_dir):
+    assert ConfigParser.load_config_file(study.load_study_config().rows["dinov2_small"]) == {
+        "dino_model": "facebook/dinov2-small"
+    }
+    overrides = {"dino_config": None, "dino_image_size": TINY_IMAGE_SIZE}
+    net = row_network("dinov2_small", dinov2_model=str(tiny_dinov2_dir), overrides=overrides)
+    assert net.slice_encoder.provenance.source == str(tiny_dinov2_dir)
+    assert type(net.slice_encoder.backbone).__name__ == "Dinov2Model" and calibrated(net)
+
+
+def test_the_full_row_file_is_train_yaml_as_it_is():
+    files = study.load_study_config().rows
+    assert ConfigParser.load_config_file(files["full"]) == {}
+    alone, stacked = ConfigParser(), ConfigParser()
+    alone.read_config(str(study.plan.TRAIN_CONFIG))
+    stacked.read_config([str(study.plan.TRAIN_CONFIG), str(files["full"])])
+    assert stacked.get() == alone.get()
+
+
+def test_each_row_file_says_which_row_of_the_paper_it_is():
+    config = study.load_study_config()
+    for row, file in config.rows.items():
+        assert file.read_text().startswith(f'# The paper\'s ablation, row "{config.labels[row]}"'), file
+
+
+def readme_ablation_section() -> str:
+    text = (BUNDLE_ROOT / "README.md").read_text()
+    return text.split("### The paper's ablation as override files\n")[1].split("\n## ")[0]
+
+
+def test_the_readme_ablation_table_names_every_row_file():
+    table = [line for line in readme_ablation_section().splitlines() if line.startswith("|")]
+    named = [name for line in table for name in re.findall(r"`(configs/ablation/[\w.]+)`", line)]
+    rows = study.load_study_config().rows
+    assert named == [str(file.relative_to(BUNDLE_ROOT)) for file in rows.values()]
+
+
+def test_the_readme_ablation_commands_parse():
+    """Each ``python -m monai.bundle run`` line of the section, read as fire reads it: the stacked files exist,
+    hold the workflow it runs, and give the keys the row's file sets."""
+    commands = [
+        shlex.split(line)
+        for line in readme_ablation_section().splitlines()
+        if line.startswith("python -m monai.bundle run ")
+    ]
+    assert len(commands) >= 2  # training and evaluation
+    for args in commands:
+        files = ast.literal_eval(args[args.index("--config_file") + 1])
+        assert files[0] == "configs/train.yaml", args
+        for option in ("--meta_file", "--logging_file"):
+            assert (BUNDLE_ROOT / args[args.index(option) + 1]).is_file(), args
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE_ROOT / name) for name in files])
+        assert args[args.index("run") + 1] in parser.get(), args  # training / evaluating
+        (row_file,) = [name for name in files if name.startswith("configs/ablation/")]
+        for key, value in ConfigParser.load_config_file(BUNDLE_ROOT / row_file).items():
+            assert parser.get_parsed_content(key) == value, (row_file, key)
 
 
 def test_an_encoder_that_cannot_be_loaded_stops_the_study_before_anything(tmp_path, monkeypatch, train_calls):
@@ -345,15 +453,34 @@ def test_an_output_dir_stays_bound_to_its_data(micro_study, tmp_path):
         (lambda raw: raw["budgets"]["micro"].pop("nnunet_minutes"), "nnunet_minutes"),
         (lambda raw: raw["budgets"]["cpu"].update(nnunet_minutes=0), "nnunet_minutes"),
         (lambda raw: raw.update(external_rows=["nnunet", "swin_unetr"]), "external_rows"),
-        (lambda raw: raw["rows"].update(nnunet={}), "twice"),
+        (lambda raw: raw["rows"].update(nnunet="configs/ablation/full.yaml"), "twice"),
+        (
+            lambda raw: raw["rows"].update(full="configs/ablation/no_such_row.yaml"),
+            "no_such_row.yaml.*not found",
+        ),
+        (lambda raw: raw["rows"].update(full=yaml.__file__), "not found"),  # a file outside the bundle
+        (lambda raw: raw["rows"].update(full={"use_dino": False}), "override file"),
     ],
 )
-def test_bad_external_rows_are_refused_naming_the_file(tmp_path, edit, match):
+def test_bad_rows_are_refused_naming_the_file(tmp_path, edit, match):
     raw = yaml.safe_load(study.plan.STUDY_CONFIG.read_text())
     edit(raw)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=rf"study\.yaml.*{match}"):
+        study.load_study_config(path)
+
+
+def test_a_row_file_that_sets_where_data_or_results_go_is_refused(tmp_path, monkeypatch):
+    root = tmp_path.resolve()
+    monkeypatch.setattr(study.plan, "BUNDLE_ROOT", root)
+    (root / "bad.yaml").write_text("use_dino: false\nvalidate#dataset#data#key: training\n")
+    raw = yaml.safe_load(study.plan.STUDY_CONFIG.read_text())
+    raw["rows"] = {"bad": "bad.yaml"}
+    raw["budgets"] = {"micro": raw["budgets"]["micro"]}  # no config_files under this root
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"bad\.yaml sets 'validate#dataset#data#key'"):
         study.load_study_config(path)
 
 

@@ -7,14 +7,15 @@ Run from the bundle root (or with it on ``PYTHONPATH``)::
     python -m scripts.study --output_dir runs/study --budget full --dino_model /weights/dinov3-vits16 \
         --dinov2_model /weights/dinov2-small
 
-Rows (what each table line changes) and budgets (data size and schedule) are data in
-``configs/study.yaml``. For every selected row the study trains ``configs/train.yaml`` on the training
-centre (A) and evaluates the best checkpoint (best validation Dice on A's validation split) with
-``configs/evaluate.yaml`` on the test split of every test centre (A, B, C), each through
-``monai.bundle.ConfigWorkflow`` exactly as the bundle's own commands do. Each workflow gets, later ones
-winning: the budget's ``config``, ``dino_model`` and ``seed`` from the command, ``overrides``, the row's
-own overrides; then the study's own keys (data location, scored split, output folders), which nothing
-else may set.
+Each row of the paper's ablation is an override file stacked on ``configs/train.yaml``
+(``configs/ablation/<row>.yaml``); ``configs/study.yaml`` lists them, with the budgets (data size and
+schedule). For every selected row the study trains ``configs/train.yaml`` + the budget's config files + the
+row's file on the training centre (A) and evaluates the best checkpoint (best validation Dice on A's
+validation split) with ``configs/evaluate.yaml`` stacked on them, on the test split of every test centre
+(A, B, C), each through ``monai.bundle.ConfigWorkflow`` exactly as the bundle's own commands do. On top
+come, later ones winning: the budget's ``config``, ``dino_model`` and ``seed`` from the command,
+``overrides``, less the keys the row's file sets (a row decides what it is about); then the study's own
+keys (data location, scored split, output folders), which nothing else may set.
 
 The ``nnunet`` row (``external_rows`` in study.yaml) is another method, not ``train.yaml``: nnU-Net v2's
 ``3d_fullres`` default trainer (:mod:`scripts.nnunet_baseline`) on the same training centre's dataset for
@@ -52,8 +53,8 @@ Layout of ``output_dir``::
 Resume: rerun the same command. Finished rows (with ``done.json``) are skipped; an unfinished row's
 folder is deleted and the row redone from the start.
 
-The package, one job per module: :mod:`scripts.study.plan` (``configs/study.yaml``, every row's settings,
-the encoder check), :mod:`scripts.study.run` (the data, training and evaluating a row, ``done.json``,
+The package, one job per module: :mod:`scripts.study.plan` (``configs/study.yaml``, every row's files and
+overrides, the encoder check), :mod:`scripts.study.run` (the data, training and evaluating a row, ``done.json``,
 resume), :mod:`scripts.study.nnunet` (the nnU-Net row), :mod:`scripts.study.tables` (``results.csv`` and the
 two tables); :func:`main` here ties them together, and ``__main__`` is the command.
 """
@@ -109,7 +110,7 @@ def main(
     budget: str = "cpu",
     rows: str | Sequence[str] | None = None,
     dino_model: str = DEFAULT_DINO_MODEL,
-    dinov2_model: str = DEFAULT_DINOV2_MODEL,
+    dinov2_model: str | None = None,
     seed: int = 0,
     overrides: Mapping[str, Any] | str | None = None,
 ) -> str:
@@ -122,13 +123,13 @@ def main(
         rows: rows to run, comma-separated or a list; default all (``nnunet`` included). Finished rows that
             are not selected still appear in the tables. A selected ``nnunet`` row without ``nnunetv2``
             installed is skipped, with a warning and in the tables, saying why and how to install it.
-        dino_model: encoder weights of every row that does not name its own (hub id, local folder, Meta
-            ``.pth``, or ``random[:SEED]``); ``<dino_model>`` in study.yaml. Default DINOv3 ViT-S/16.
-        dinov2_model: ``<dinov2_model>`` in study.yaml (the DINOv2-small row). Default
-            ``facebook/dinov2-small``.
+        dino_model: encoder weights of every row whose file does not set ``dino_model`` (hub id, local
+            folder, Meta ``.pth``, or ``random[:SEED]``). Default DINOv3 ViT-S/16.
+        dinov2_model: encoder weights of the row whose file names ``facebook/dinov2-small`` (the DINOv2-small
+            row), e.g. a local copy. Default None: as the file says.
         seed: training seed of every row; the dataset seeds derive from it. Default 0.
         overrides: config overrides for every workflow of every row (a mapping, or JSON/YAML text), above
-            the budget and ``dino_model`` and below the row's own.
+            the budget and ``dino_model``; a row whose file sets a key keeps its own value.
 
     Returns:
         the two tables (Markdown), as written to ``ablation.md`` and ``cross_centre.md``.

@@ -1,7 +1,9 @@
-"""The study's plan: ``configs/study.yaml`` read and checked, every row's settings resolved, encoders loaded.
+"""The study's plan: ``configs/study.yaml`` read and checked, every row's config files and overrides, encoders loaded.
 
-Nothing here trains, generates or writes; :func:`plan_study` and :func:`check_encoders` run before anything
-does, so a bad argument or missing encoder weights stop the study first.
+A row of the paper's ablation is an override file stacked on ``configs/train.yaml`` (``configs/ablation/``);
+:func:`plan_study` gives each row its files and the overrides of the command and the budget, less the keys
+the row's file sets. Nothing here trains, generates or writes; :func:`plan_study` and :func:`check_encoders`
+run before anything does, so a bad argument or missing encoder weights stop the study first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from scripts.networks import load_encoder as _load_encoder
 __all__ = [
     "DEFAULT_DINOV2_MODEL",
     "EXTERNAL_ROWS",
+    "STUDY_KEYS",
     "Budget",
     "StudyConfig",
     "StudyPlan",
@@ -41,12 +44,13 @@ STUDY_CONFIG = CONFIG_DIR / "study.yaml"
 TRAIN_CONFIG = CONFIG_DIR / "train.yaml"
 EVALUATE_CONFIG = CONFIG_DIR / "evaluate.yaml"
 
+# The encoder configs/ablation/dinov2_small.yaml names; the command's --dinov2_model replaces it.
 DEFAULT_DINOV2_MODEL = "facebook/dinov2-small"
-# "<name>" in a row or override is replaced by the command's argument ``name``.
-_PLACEHOLDER = re.compile(r"^<(\w+)>$")
 _ROW_NAME = re.compile(r"^[A-Za-z][\w-]*$")
-# Keys only the study sets: where data come from, which split is scored, where results go, the seed.
-RESERVED_KEYS = frozenset(
+# Top-level config names the study sets itself (where data come from, which split is scored, where results
+# go, the seed) or that decide what is scored: no budget, row file or --overrides may set them, nor anything
+# under them (``validate#dataset#data#key``).
+STUDY_KEYS = frozenset(
     {
         "bundle_root",
         "output_dir",
@@ -59,11 +63,15 @@ RESERVED_KEYS = frozenset(
         "model_path",
         "resume_checkpoint",
         "seed",
+        "datalist",
+        "validate",
+        "evaluate",
+        "initialize",
+        "run",
+        "finalize",
+        "training",
+        "evaluating",
     }
-)
-# Config sections that decide what is scored and how: not to be overridden by a budget, row or user.
-RESERVED_SECTIONS = frozenset(
-    {"datalist", "validate", "evaluate", "initialize", "run", "finalize", "training", "evaluating"}
 )
 # Rows ``external_rows`` of study.yaml may name: another method than train.yaml, each run by its own module
 # on the same data and scored the same way. nnunet: nnU-Net v2 (:mod:`scripts.study.nnunet`).
@@ -98,17 +106,17 @@ class Budget:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """``configs/study.yaml``: centres, rows (name -> overrides), external rows, their labels, budgets.
+    """``configs/study.yaml``: centres, rows (name -> override file), external rows, their labels, budgets.
 
     Attributes:
-        rows: the rows that are ``train.yaml`` with overrides: name -> overrides.
+        rows: the rows that are ``train.yaml`` with an override file: name -> the file (under the bundle root).
         external_rows: the rows that are another method (names of :data:`EXTERNAL_ROWS`), after ``rows``
             in the tables.
     """
 
     train_centre: str
     test_centres: tuple[str, ...]
-    rows: dict[str, dict[str, Any]]
+    rows: dict[str, Path]
     labels: dict[str, str]
     budgets: dict[str, Budget]
     external_rows: tuple[str, ...] = ()
@@ -125,22 +133,92 @@ class StudyConfig:
 
 
 def _check_keys(where: str, overrides: Mapping[str, Any]) -> None:
-    """Refuse keys that only the study may set (see :data:`RESERVED_KEYS` and :data:`RESERVED_SECTIONS`)."""
+    """Refuse keys that only the study may set (:data:`STUDY_KEYS`, or a key under one of them)."""
     if not isinstance(overrides, Mapping):
         raise ValueError(f"{where} must be a mapping of config keys to values, got {overrides!r}.")
     for key in overrides:
         if not isinstance(key, str) or not key:
             raise ValueError(f"{where}: config keys must be non-empty strings, got {key!r}.")
-        if key in RESERVED_KEYS or key.split("#")[0] in RESERVED_SECTIONS:
+        if key.split("#")[0] in STUDY_KEYS:
             raise ValueError(
                 f"{where} sets {key!r}, which the study sets itself (data location, scored split, output "
-                f"folders, seed; --seed sets the seed). Reserved: {sorted(RESERVED_KEYS)} and the sections "
-                f"{sorted(RESERVED_SECTIONS)}."
+                f"folders, seed; --seed sets the seed). The study's own keys: {sorted(STUDY_KEYS)}."
             )
 
 
+def _read_row_file(path: Path) -> dict[str, Any]:
+    """A row's override file as the bundle reads it (``ConfigParser.load_config_file``), checked.
+
+    Raises:
+        ValueError: naming the file, when it cannot be read, is not a mapping or sets a key of :data:`STUDY_KEYS`.
+    """
+    try:
+        content = ConfigParser.load_config_file(path)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read the row's override file ({error}).") from error
+    _check_keys(str(path), content)
+    return dict(content)
+
+
+def _rows(path: Path, rows: Any) -> dict[str, Path]:
+    """Check ``rows`` (name -> override file relative to the bundle root); returns name -> absolute file."""
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError(f"{path}: 'rows' must map row names to override files (configs/ablation/...).")
+    files: dict[str, Path] = {}
+    for name, file in rows.items():
+        if not isinstance(name, str) or not _ROW_NAME.match(name):
+            raise ValueError(
+                f"{path}: row name {name!r} must be a letter followed by letters, digits, _ or -."
+            )
+        files[name] = (BUNDLE_ROOT / str(file)).resolve()
+        if (
+            not isinstance(file, str)
+            or not files[name].is_file()
+            or not files[name].is_relative_to(BUNDLE_ROOT)
+        ):
+            raise ValueError(f"{path}: row {name!r}: override file {file!r} not found under {BUNDLE_ROOT}.")
+        _read_row_file(files[name])
+    return files
+
+
+def _budget(path: Path, name: str, entry: Any, centres: Sequence[str], external: Sequence[str]) -> Budget:
+    """Check one entry of ``budgets``.
+
+    Raises:
+        ValueError: naming the file, the budget and the entry that is missing or malformed.
+    """
+    where = f"{path}: budget {name!r}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("cases"), dict):
+        raise ValueError(f"{where} needs 'cases': centre -> number of phantoms.")
+    cases = {str(c): n for c, n in entry["cases"].items()}
+    for centre in dict.fromkeys(centres):
+        n = cases.get(centre)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+            raise ValueError(f"{where}: cases[{centre!r}] must be an integer >= 3, got {n!r}.")
+    config = dict(entry.get("config") or {})
+    _check_keys(where, config)
+    files = tuple(str(f) for f in entry.get("config_files") or ())
+    for file in files:
+        if not (BUNDLE_ROOT / file).is_file():
+            raise ValueError(f"{where}: config file {file!r} not found under {BUNDLE_ROOT}.")
+    minutes = entry.get("nnunet_minutes")
+    if "nnunet" in external and (
+        isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
+    ):
+        raise ValueError(
+            f"{where}: nnunet_minutes (the nnunet row's wall clock) must be > 0, got {minutes!r}."
+        )
+    return Budget(
+        name=name,
+        cases=cases,
+        config=config,
+        config_files=files,
+        nnunet_minutes=float(minutes) if "nnunet" in external else None,
+    )
+
+
 def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
-    """Read and check ``configs/study.yaml`` (or another file of the same form).
+    """Read and check ``configs/study.yaml`` (or another file of the same form), and its rows' override files.
 
     Raises:
         ValueError: naming the file and the entry that is missing or malformed.
@@ -159,54 +237,18 @@ def load_study_config(path: str | Path = STUDY_CONFIG) -> StudyConfig:
     centres = [raw["train_centre"], *raw["test_centres"]]
     for centre in centres:
         get_centre(centre)  # raises for an unknown centre
-    rows = raw["rows"]
-    if not isinstance(rows, dict) or not rows:
-        raise ValueError(f"{path}: 'rows' must map row names to config overrides.")
-    for name, overrides in rows.items():
-        if not isinstance(name, str) or not _ROW_NAME.match(name):
-            raise ValueError(
-                f"{path}: row name {name!r} must be a letter followed by letters, digits, _ or -."
-            )
-        _check_keys(f"{path}: row {name!r}", overrides or {})
+    rows = _rows(path, raw["rows"])
     external = _external_rows(path, raw.get("external_rows"), rows)
     labels = {name: str((raw.get("labels") or {}).get(name, name)) for name in [*rows, *external]}
-
-    budgets: dict[str, Budget] = {}
-    for name, entry in (raw["budgets"] or {}).items():
-        where = f"{path}: budget {name!r}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("cases"), dict):
-            raise ValueError(f"{where} needs 'cases': centre -> number of phantoms.")
-        cases = {str(c): n for c, n in entry["cases"].items()}
-        for centre in dict.fromkeys(centres):
-            n = cases.get(centre)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 3:
-                raise ValueError(f"{where}: cases[{centre!r}] must be an integer >= 3, got {n!r}.")
-        config = dict(entry.get("config") or {})
-        _check_keys(where, config)
-        files = tuple(str(f) for f in entry.get("config_files") or ())
-        for file in files:
-            if not (BUNDLE_ROOT / file).is_file():
-                raise ValueError(f"{where}: config file {file!r} not found under {BUNDLE_ROOT}.")
-        minutes = entry.get("nnunet_minutes")
-        if "nnunet" in external and (
-            isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0
-        ):
-            raise ValueError(
-                f"{where}: nnunet_minutes (the nnunet row's wall clock) must be > 0, got {minutes!r}."
-            )
-        budgets[name] = Budget(
-            name=name,
-            cases=cases,
-            config=config,
-            config_files=files,
-            nnunet_minutes=float(minutes) if "nnunet" in external else None,
-        )
+    budgets = {
+        name: _budget(path, name, entry, centres, external) for name, entry in (raw["budgets"] or {}).items()
+    }
     if not budgets:
         raise ValueError(f"{path}: no budgets.")
     return StudyConfig(
         train_centre=str(raw["train_centre"]),
         test_centres=tuple(str(c) for c in raw["test_centres"]),
-        rows={name: dict(overrides or {}) for name, overrides in rows.items()},
+        rows=rows,
         labels=labels,
         budgets=budgets,
         external_rows=external,
@@ -228,7 +270,7 @@ def _external_rows(path: Path, external: Any, rows: Mapping[str, Any]) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------------
-# planning: every row's settings, before anything runs
+# planning: every row's files and overrides, before anything runs
 
 
 @dataclass
@@ -240,8 +282,9 @@ class StudyPlan:
         budget: the chosen budget.
         seed: training seed; the dataset seeds derive from it.
         selected: the rows to run (study.yaml order).
-        settings: row -> its overrides for every workflow, for *all* rows (finished rows are reused only
-            when theirs equal these); an external row's are its method and its budget's wall clock.
+        settings: row -> its overrides on top of its config files (:meth:`train_files`), for every workflow of
+            *all* rows (finished rows are reused only when theirs equal these); an external row's are its
+            method and its budget's wall clock.
         effective: row -> ``use_dino``, ``dino_model``, ``dino_config``, ``epochs``, ``val_interval`` as the
             bundle config resolves them (selected rows of ``train.yaml`` only).
     """
@@ -253,13 +296,13 @@ class StudyPlan:
     settings: dict[str, dict[str, Any]]
     effective: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def train_files(self) -> list[Path]:
-        return [TRAIN_CONFIG, *self.budget.config_paths()]
+    def train_files(self, row: str) -> list[Path]:
+        """``train.yaml``, the budget's config files, then ``row``'s override file."""
+        return [TRAIN_CONFIG, *self.budget.config_paths(), self.config.rows[row]]
 
-    @property
-    def evaluate_files(self) -> list[Path]:
-        return [*self.train_files, EVALUATE_CONFIG]
+    def evaluate_files(self, row: str) -> list[Path]:
+        """:meth:`train_files`, then ``evaluate.yaml``."""
+        return [*self.train_files(row), EVALUATE_CONFIG]
 
     def is_external(self, row: str) -> bool:
         """Whether ``row`` is another method (``external_rows``), not ``train.yaml`` with overrides."""
@@ -267,7 +310,7 @@ class StudyPlan:
 
     def row_config_files(self, row: str) -> list[Path]:
         """The bundle config files ``row`` is trained and evaluated with (none for an external row)."""
-        return [] if self.is_external(row) else self.evaluate_files
+        return [] if self.is_external(row) else self.evaluate_files(row)
 
 
 def _parse_rows(rows: str | Sequence[str] | None, config: StudyConfig) -> list[str]:
@@ -280,24 +323,6 @@ def _parse_rows(rows: str | Sequence[str] | None, config: StudyConfig) -> list[s
     if unknown or not names:
         raise ValueError(f"rows must name rows of configs/study.yaml {config.all_rows}, got {rows!r}.")
     return [n for n in config.all_rows if n in names]
-
-
-def _substitute(value: Any, placeholders: Mapping[str, Any], where: str) -> Any:
-    """Replace every string ``"<name>"`` (in nested dicts and lists too) by ``placeholders[name]``."""
-    if isinstance(value, dict):
-        return {k: _substitute(v, placeholders, where) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_substitute(v, placeholders, where) for v in value]
-    if isinstance(value, str) and (match := _PLACEHOLDER.match(value)):
-        if match.group(1) not in placeholders:
-            raise ValueError(f"{where}: unknown placeholder {value!r}; known: {sorted(placeholders)}.")
-        return placeholders[match.group(1)]
-    return value
-
-
-def _json_normal(value: Any) -> Any:
-    """The value as it reads back from JSON (tuples become lists), so settings compare with done.json."""
-    return json.loads(json.dumps(value))
 
 
 def _parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -313,6 +338,17 @@ def _parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any
     return dict(overrides)
 
 
+def _row_settings(
+    row_file: Mapping[str, Any], common: Mapping[str, Any], dinov2_model: str | None
+) -> dict[str, Any]:
+    """A row's overrides: ``common`` less the keys its file sets (the row decides what it is about), and
+    ``dinov2_model`` as the ``dino_model`` of a row whose file names :data:`DEFAULT_DINOV2_MODEL`."""
+    settings = {key: value for key, value in common.items() if key not in row_file}
+    if dinov2_model is not None and row_file.get("dino_model") == DEFAULT_DINOV2_MODEL:
+        settings["dino_model"] = str(dinov2_model)
+    return settings
+
+
 def _effective_settings(config_files: Sequence[Path], settings: Mapping[str, Any]) -> dict[str, Any]:
     """The values the bundle config resolves for the keys the study checks before running."""
     parser = ConfigParser()
@@ -326,21 +362,23 @@ def plan_study(
     budget: str,
     rows: str | Sequence[str] | None = None,
     dino_model: str = DEFAULT_DINO_MODEL,
-    dinov2_model: str = DEFAULT_DINOV2_MODEL,
+    dinov2_model: str | None = None,
     seed: int = 0,
     overrides: Mapping[str, Any] | str | None = None,
     config: StudyConfig | None = None,
 ) -> StudyPlan:
-    """Resolve every row's settings and check them; nothing is loaded, generated or written.
+    """Give every row its config files and overrides and check them; nothing is loaded, generated or written.
 
-    A row's settings are, later ones winning: the budget's ``config``; ``dino_model`` and ``seed`` from the
-    arguments; ``overrides``; the row's own overrides. ``"<dino_model>"`` and ``"<dinov2_model>"`` anywhere
-    in them stand for the arguments of those names. An external row's settings are its method and the
-    budget's wall clock for it (``{"method": "nnunet", "budget_minutes": ...}``); no override reaches it.
+    A row's workflows stack ``train.yaml``, the budget's ``config_files`` and the row's override file; on top
+    come, later ones winning, the budget's ``config``, ``dino_model`` and ``seed`` from the arguments, and
+    ``overrides``, less every key the row's file sets. ``dinov2_model`` (None: as the file says) becomes the
+    ``dino_model`` of a row whose file names ``facebook/dinov2-small``. An external row's settings are its
+    method and the budget's wall clock for it (``{"method": "nnunet", "budget_minutes": ...}``); no override
+    reaches it.
 
     Raises:
-        ValueError: an unknown budget or row, a reserved key in ``overrides``, an unknown placeholder, a
-            negative seed, or a row whose ``val_interval`` exceeds ``epochs`` (it would never save a model).
+        ValueError: an unknown budget or row, a key of :data:`STUDY_KEYS` in ``overrides``, a negative seed,
+            or a row whose ``val_interval`` exceeds ``epochs`` (it would never save a model).
     """
     config = config or load_study_config()
     if budget not in config.budgets:
@@ -350,17 +388,16 @@ def plan_study(
     user = _parse_overrides(overrides)
     _check_keys("overrides", user)
     chosen = config.budgets[budget]
-    placeholders = {"dino_model": str(dino_model), "dinov2_model": str(dinov2_model)}
+    common = {**chosen.config, "dino_model": dino_model, **user, "seed": seed}
     plan = StudyPlan(config=config, budget=chosen, seed=seed, selected=_parse_rows(rows, config), settings={})
-    for row, row_overrides in config.rows.items():
-        merged = {**chosen.config, "dino_model": dino_model, **user, **row_overrides, "seed": seed}
-        plan.settings[row] = _json_normal(_substitute(merged, placeholders, f"row {row!r}"))
+    for row, file in config.rows.items():
+        plan.settings[row] = _row_settings(_read_row_file(file), common, dinov2_model)
     for row in config.external_rows:  # only nnunet exists (EXTERNAL_ROWS)
         plan.settings[row] = {"method": row, "budget_minutes": chosen.nnunet_minutes}
     for row in plan.selected:
         if plan.is_external(row):
             continue
-        effective = _effective_settings(plan.train_files, plan.settings[row])
+        effective = _effective_settings(plan.train_files(row), plan.settings[row])
         if effective["val_interval"] > effective["epochs"]:
             raise ValueError(
                 f"row {row!r}: val_interval {effective['val_interval']} > epochs {effective['epochs']}: "

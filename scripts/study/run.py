@@ -194,8 +194,16 @@ def _checkpoint_encoder(model_path: Path) -> dict[str, Any] | None:
     return {"source": provenance.source, "sha256": provenance.sha256, "is_random": provenance.is_random}
 
 
+def _names(files: Sequence[Path]) -> list[str]:
+    """Config files as ``done.json`` records them: relative to the bundle root."""
+    return [str(f.relative_to(BUNDLE_ROOT)) for f in files]
+
+
 def _config_hashes(files: Sequence[Path]) -> dict[str, str]:
-    return {str(f.relative_to(BUNDLE_ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+    return {
+        name: hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        for name, f in zip(_names(files), files, strict=True)
+    }
 
 
 def _fresh_row_dir(output_dir: Path, row: str) -> Path:
@@ -230,7 +238,7 @@ def _write_done(
         "budget": plan.budget.name,
         "seed": plan.seed,
         "settings": plan.settings[row],
-        "config_files": [str(f.relative_to(BUNDLE_ROOT)) for f in files],
+        "config_files": _names(files),
         "config_sha256": _config_hashes(files),
         "encoder": encoder,
         **trained,
@@ -253,8 +261,11 @@ def _run_row(
     row_dir = _fresh_row_dir(output_dir, row)
     cache_dir = output_dir / "embedding_cache"
     settings = plan.settings[row]
-    logger.info("row %s: training on centre %s (%s)", row, plan.config.train_centre, settings)
-    trained = train_row(row_dir, plan.train_files, settings, datasets[plan.config.train_centre], cache_dir)
+    files = plan.train_files(row)
+    logger.info(
+        "row %s: training on centre %s (%s + %s)", row, plan.config.train_centre, _names(files), settings
+    )
+    trained = train_row(row_dir, files, settings, datasets[plan.config.train_centre], cache_dir)
     logger.info("row %s: trained in %.0f s", row, trained["train_seconds"])
 
     encoder = _checkpoint_encoder(row_dir / MODEL_FILE)
@@ -270,7 +281,7 @@ def _run_row(
     for centre in plan.config.test_centres:
         logger.info("row %s: evaluating on the test split of centre %s", row, centre)
         centres[centre] = evaluate_row(
-            row_dir, plan.evaluate_files, settings, datasets[centre], cache_dir, centre
+            row_dir, plan.evaluate_files(row), settings, datasets[centre], cache_dir, centre
         )
         aneurysm = centres[centre]["summary"]["classes"]["aneurysm"]["dice"]
         logger.info(
@@ -300,8 +311,7 @@ def _finished(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) ->
         and record.get("budget") == plan.budget.name
         and record.get("seed") == plan.seed
         and record.get("settings") == plan.settings[row]
-        and record.get("config_files")
-        == [str(f.relative_to(BUNDLE_ROOT)) for f in plan.row_config_files(row)]
+        and record.get("config_files") == _names(plan.row_config_files(row))
         and set(record.get("centres", {})) == set(plan.config.test_centres)
     )
     if not same:
