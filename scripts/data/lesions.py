@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,16 +226,54 @@ def sample_aneurysm_size(
     return float(np.clip(median, low, high))
 
 
-class _Placer:
-    """Finds sites for aneurysms and hard negatives that keep them apart and inside the field of view."""
+def _dome_radius_towards(u: np.ndarray, direction: np.ndarray, radius: float, elongation: float) -> float:
+    """Distance (mm) from a smooth dome's centre to its surface along the unit vector ``u``.
 
-    def __init__(self, rng: np.random.Generator, tree: VesselTree):
-        self.rng = rng
-        self.tree = tree
-        self.points = [t.points for t in tree.tubes]
-        self.radii = [t.radii for t in tree.tubes]
-        self.aneurysms: list[Aneurysm] = []
-        self.negatives: list[HardNegative] = []
+    The dome is a sphere of ``radius`` mm stretched by ``elongation`` along ``direction``.
+    """
+    cos = u @ direction
+    return radius / np.sqrt(max(1.0 - cos**2 * (1.0 - 1.0 / elongation**2), 1e-6))
+
+
+@dataclass
+class _Neck:
+    """How a dome meets its parent wall (mm).
+
+    Attributes:
+        width: neck width (its largest dimension).
+        depth: distance from the wall to the dome's centre, before the dome's elongation.
+        ridge: (K, 3) axis of the neck collar, ``None`` (default) when the dome's own cut is the whole neck.
+        ridge_radius: the collar's radius (default 0).
+    """
+
+    width: float
+    depth: float
+    ridge: np.ndarray | None = None
+    ridge_radius: float = 0.0
+
+
+@dataclass
+class _Placer:
+    """Finds sites for aneurysms and hard negatives that keep them apart and inside the field of view.
+
+    Attributes:
+        rng: random generator.
+        tree: the vessel tree; placing hard negatives adds tubes and widens radii.
+        aneurysms: aneurysms placed so far (default none).
+        negatives: hard negatives placed so far (default none).
+        points, radii: the tubes' (N, 3) centrelines and (N,) radii when the placer was made.
+    """
+
+    rng: np.random.Generator
+    tree: VesselTree
+    aneurysms: list[Aneurysm] = field(default_factory=list)
+    negatives: list[HardNegative] = field(default_factory=list)
+    points: list[np.ndarray] = field(init=False)
+    radii: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.points = [t.points for t in self.tree.tubes]
+        self.radii = [t.radii for t in self.tree.tubes]
 
     # ----------------------------------------------------------------------------------------- aneurysms
     def sites(self, size: float) -> dict[str, list[tuple[str, int, int]]]:
@@ -285,9 +324,51 @@ class _Placer:
         return size / max(low, 1.6)
 
     def make_aneurysm(self, kind: str, location: str, t: int, j: int, size: float) -> Aneurysm:
+        """Draw a ``size`` mm aneurysm of ``kind`` at point ``j`` of tube ``t`` (not checked for room).
+
+        Phases, in the order they draw from ``rng``: the dome's direction, its elongation and neck, its
+        surface (bumps, lobes, daughter sacs), its contrast gradient, its opacification.
+        """
         rng, tube = self.rng, self.tree.tubes[t]
         base = tube.points[j]
         r_vessel = float(tube.radii[j])
+        direction, along, spread = self._orientation(kind, t, j)
+        elongation = rng.uniform(1.0, 1.45)
+        radius = 0.5 * size / elongation
+        neck = self._fit_neck(kind, t, j, size, radius, elongation, direction, along, spread)
+        centre = base + direction * (r_vessel + elongation * neck.depth)
+        bumps, lobes, daughters = self._surface(centre, direction, radius, elongation)
+        gradient = _unit(rng.standard_normal(3)) * rng.uniform(0.0, 0.2) / (radius * elongation)
+        return Aneurysm(
+            kind=kind,
+            tube=t,
+            index=j,
+            base=base.copy(),
+            direction=direction,
+            dome_centre=centre,
+            size_mm=float(size),
+            width_mm=float(2 * radius),
+            neck_mm=float(neck.width),
+            elongation=float(elongation),
+            bumps=bumps,
+            lobes=lobes,
+            daughters=daughters,
+            value=float(tube.value * rng.uniform(0.88, 1.03)),
+            gradient=gradient,
+            location=location,
+            parent_radius=r_vessel,
+            ridge=neck.ridge,
+            ridge_radius=float(neck.ridge_radius),
+        )
+
+    def _orientation(self, kind: str, t: int, j: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Where a dome at point ``j`` of tube ``t`` points.
+
+        Returns:
+            ``(direction, along, spread)``: (3,) unit vector from the neck to the dome, (3,) unit vector along
+            which the neck spreads on the wall, and (apex only, else 0) the angle of each branch from the apex.
+        """
+        rng, tube = self.rng, self.tree.tubes[t]
         if kind == "bifurcation":
             bif = next(b for b in self.tree.bifurcations if b.tube == t)
             # at the apex: between the two branches, in line with the parent's flow jet
@@ -296,23 +377,35 @@ class _Placer:
             direction = _unit(apex + 0.1 * bif.direction + 0.05 * rng.standard_normal(3))
             along = _unit(t1 - t2)  # the neck spreads onto both branches
             spread = 0.5 * np.arccos(np.clip(t1 @ t2, -1.0, 1.0))  # angle of each branch from the apex
+            return direction, along, spread
+        tangent = tube.tangents[j]
+        lo, hi = max(j - 3, 0), min(j + 3, len(tube.points) - 1)
+        curvature = tube.tangents[hi] - tube.tangents[lo]
+        curvature -= (curvature @ tangent) * tangent
+        if np.linalg.norm(curvature) > 0.15:
+            direction = _unit(-curvature + 0.3 * _perpendicular(rng, tangent))  # outer curve
         else:
-            tangent = tube.tangents[j]
-            lo, hi = max(j - 3, 0), min(j + 3, len(tube.points) - 1)
-            curvature = tube.tangents[hi] - tube.tangents[lo]
-            curvature -= (curvature @ tangent) * tangent
-            if np.linalg.norm(curvature) > 0.15:
-                direction = _unit(-curvature + 0.3 * _perpendicular(rng, tangent))  # outer curve
-            else:
-                direction = _perpendicular(rng, tangent)
-            direction = _unit(direction - (direction @ tangent) * tangent)
-            along = tangent
-        wall = r_vessel
-        elongation = rng.uniform(1.0, 1.45)
-        radius = 0.5 * size / elongation
+            direction = _perpendicular(rng, tangent)
+        direction = _unit(direction - (direction @ tangent) * tangent)
+        return direction, tangent, 0.0
+
+    def _fit_neck(
+        self,
+        kind: str,
+        t: int,
+        j: int,
+        size: float,
+        radius: float,
+        elongation: float,
+        direction: np.ndarray,
+        along: np.ndarray,
+        spread: float,
+    ) -> _Neck:
+        """Draw the neck width and fit the dome's cut through the wall and, where that is narrower, a collar."""
+        wall = float(self.tree.tubes[t].radii[j])
         neck_mm = self._neck(size)
         # the dome's own cut through the wall; it must not reach through the far wall of the parent
-        half = min(0.5 * neck_mm, 0.85 * radius, 1.5 * r_vessel + 0.4)
+        half = min(0.5 * neck_mm, 0.85 * radius, 1.5 * wall + 0.4)
         ridge_half = 0.5 * neck_mm
         if kind == "bifurcation":
             # lift the dome off the carina until the branches clear it, and keep the collar off their axes
@@ -320,17 +413,24 @@ class _Placer:
             lift = (across / max(np.sin(spread), 0.2) - wall) / elongation
             half = min(half, np.sqrt(max(radius**2 - min(lift, 0.98 * radius) ** 2, 0.0)))
             ridge_half = min(ridge_half, max(0.45 * wall - 0.15, 0.0) * np.tan(min(spread, 1.4)) + 0.5 * wall)
-        while elongation * (radius - np.sqrt(radius**2 - half**2)) > 0.8 * r_vessel and half > 0.3 * radius:
+        while elongation * (radius - np.sqrt(radius**2 - half**2)) > 0.8 * wall and half > 0.3 * radius:
             half *= 0.9
-        h = np.sqrt(radius**2 - half**2)
-        centre = base + direction * (wall + elongation * h)
-        ridge, ridge_radius = None, 0.0
-        if ridge_half > half + 0.05:
-            ridge_radius = min((0.5 if kind == "bifurcation" else 0.7) * r_vessel, radius, ridge_half)
-            ridge = self._ridge(kind, t, j, direction, along, ridge_half - ridge_radius)
-            neck_mm = 2 * ridge_half
-        else:
-            neck_mm = 2 * half
+        depth = np.sqrt(radius**2 - half**2)
+        if ridge_half <= half + 0.05:
+            return _Neck(width=2 * half, depth=depth)
+        ridge_radius = min((0.5 if kind == "bifurcation" else 0.7) * wall, radius, ridge_half)
+        ridge = self._ridge(kind, t, j, direction, along, ridge_half - ridge_radius)
+        return _Neck(width=2 * ridge_half, depth=depth, ridge=ridge, ridge_radius=ridge_radius)
+
+    def _surface(
+        self, centre: np.ndarray, direction: np.ndarray, radius: float, elongation: float
+    ) -> tuple[list, list, list]:
+        """Draw the dome's surface harmonics, its 0-2 extra lobes and (35 %) a daughter sac.
+
+        Returns:
+            ``(bumps, lobes, daughters)`` as :class:`Aneurysm` stores them.
+        """
+        rng = self.rng
         bumps = [
             (
                 rng.uniform(0.03, 0.07),
@@ -343,38 +443,15 @@ class _Placer:
         lobes, daughters = [], []
         for _ in range(int(rng.choice([0, 1, 2], p=[0.35, 0.4, 0.25]))):
             u = _direction_in_cone(rng, direction, 0.3)
-            cos = u @ direction
-            r_dir = radius / np.sqrt(max(1.0 - cos**2 * (1.0 - 1.0 / elongation**2), 1e-6))
+            r_dir = _dome_radius_towards(u, direction, radius, elongation)
             r_lobe = rng.uniform(0.4, 0.6) * radius
             lobes.append((centre + u * (r_dir - r_lobe * rng.uniform(0.3, 0.7)), r_lobe))
         if rng.random() < 0.35:
             u = _direction_in_cone(rng, direction, 0.2)
-            cos = u @ direction
-            r_dir = radius / np.sqrt(max(1.0 - cos**2 * (1.0 - 1.0 / elongation**2), 1e-6))
+            r_dir = _dome_radius_towards(u, direction, radius, elongation)
             r_bleb = max(0.5, rng.uniform(0.18, 0.32) * radius)
             daughters.append((centre + u * (r_dir + 0.2 * r_bleb), r_bleb))
-        gradient = _unit(rng.standard_normal(3)) * rng.uniform(0.0, 0.2) / (radius * elongation)
-        return Aneurysm(
-            kind=kind,
-            tube=t,
-            index=j,
-            base=base.copy(),
-            direction=direction,
-            dome_centre=centre,
-            size_mm=float(size),
-            width_mm=float(2 * radius),
-            neck_mm=float(neck_mm),
-            elongation=float(elongation),
-            bumps=bumps,
-            lobes=lobes,
-            daughters=daughters,
-            value=float(tube.value * rng.uniform(0.88, 1.03)),
-            gradient=gradient,
-            location=location,
-            parent_radius=r_vessel,
-            ridge=ridge,
-            ridge_radius=float(ridge_radius),
-        )
+        return bumps, lobes, daughters
 
     def _ridge(
         self, kind: str, t: int, j: int, direction: np.ndarray, along: np.ndarray, half: float
@@ -462,32 +539,35 @@ class _Placer:
         return shift if np.abs(shift).max() <= 0.25 * float(self.tree.extent.min()) else None
 
     def place_aneurysms(self, sizes: list[float], min_size: float) -> None:
-        for size in sorted(sizes, reverse=True):  # the largest first: it may recentre the field of view
-            placed = False
-            for attempt in range(120):
-                if attempt % 40 == 0:
-                    if attempt:
-                        size = max(min_size, 0.85 * size)
-                    sites = self.sites(size)
-                if not sites:
-                    continue
-                kind, location, t, j = self._pick(sites)
-                an = self.make_aneurysm(kind, location, t, j, size)
-                shift = self._recentre(an) if not self.aneurysms else None
-                if shift is not None and np.any(shift != 0):
-                    self.tree.translate(shift)
-                    an = self.make_aneurysm_shifted(an, shift)
-                    if self.fits(an):
-                        self.aneurysms.append(an)
-                        placed = True
-                        break
-                    self.tree.translate(-shift)
-                elif self.fits(an):
-                    self.aneurysms.append(an)
-                    placed = True
-                    break
-            if not placed:
-                logger.debug("could not place a %.1f mm aneurysm; case keeps %d", size, len(self.aneurysms))
+        """Place a dome of each size, the largest first: it may recentre the field of view."""
+        for size in sorted(sizes, reverse=True):
+            self._place_aneurysm(size, min_size)
+
+    def _place_aneurysm(self, size: float, min_size: float) -> bool:
+        """Try 120 sites for a ``size`` mm dome, shrinking it by 15 % (not below ``min_size``) every 40."""
+        for attempt in range(120):
+            if attempt % 40 == 0:
+                if attempt:
+                    size = max(min_size, 0.85 * size)
+                sites = self.sites(size)
+            if sites and self._keep(self.make_aneurysm(*self._pick(sites), size)):
+                return True
+        logger.debug("could not place a %.1f mm aneurysm; case keeps %d", size, len(self.aneurysms))
+        return False
+
+    def _keep(self, an: Aneurysm) -> bool:
+        """Add ``an`` if it fits; the first aneurysm may move the tree to bring its sac into view."""
+        shift = self._recentre(an) if not self.aneurysms else None
+        moved = shift is not None and bool(np.any(shift != 0))
+        if moved:
+            self.tree.translate(shift)
+            an = self.make_aneurysm_shifted(an, shift)
+        if self.fits(an):
+            self.aneurysms.append(an)
+            return True
+        if moved:
+            self.tree.translate(-shift)
+        return False
 
     @staticmethod
     def make_aneurysm_shifted(an: Aneurysm, shift: np.ndarray) -> Aneurysm:
@@ -512,8 +592,37 @@ class _Placer:
     def clear_of_negatives(self, centre: np.ndarray, radius: float) -> bool:
         return all(np.linalg.norm(n.centre - centre) > n.radius + radius + 0.5 for n in self.negatives)
 
+    def _place_first_clear(self, candidates: Iterable[tuple[HardNegative, Callable[[], None]]]) -> bool:
+        """Keep the first candidate clear of the aneurysms and of the look-alikes placed so far.
+
+        The placers' one retry loop: ``candidates`` is lazy, so each candidate is drawn only after the one
+        before it was refused, and drawing stops at the first that fits.
+
+        Args:
+            candidates: ``(negative, add_to_tree)`` pairs; ``add_to_tree()`` draws the accepted one into the
+                tree (new tubes or wider radii).
+
+        Returns:
+            whether one was placed.
+        """
+        for negative, add_to_tree in candidates:
+            if self.clear_of_aneurysms(negative.centre, negative.radius) and self.clear_of_negatives(
+                negative.centre, negative.radius
+            ):
+                add_to_tree()
+                self.negatives.append(negative)
+                return True
+        return False
+
+    def _random_sites(self, options: list[tuple[int, int]], tries: int = 20) -> Iterator[tuple[Tube, int]]:
+        """Up to ``tries`` (default 20) ``(tube, index)`` sites drawn with replacement from ``options``."""
+        for _ in range(tries if options else 0):
+            t, j = options[int(self.rng.integers(len(options)))]
+            yield self.tree.tubes[t], j
+
     def add_infundibulum(self) -> bool:
-        rng, tree = self.rng, self.tree
+        """Widen the origin of a small branch into a cone (< 3 mm at its base), trying every branch once."""
+        tree = self.tree
         options = [
             i
             for i, tube in enumerate(tree.tubes)
@@ -522,31 +631,23 @@ class _Placer:
             and tube.radii[0] <= 0.9
             and tree.tubes[tube.parent].radii[tube.parent_index] >= tube.radii[0] + 0.3
         ]
-        rng.shuffle(options)
-        for i in options:
-            tube = tree.tubes[i]
-            parent_r = float(tree.tubes[tube.parent].radii[tube.parent_index])
-            origin, d = tube.points[0], tube.tangents[0]
-            r_tip = float(tube.radii[0])
-            r_base = rng.uniform(max(1.35 * r_tip, 0.75), 1.4)
-            length = rng.uniform(1.2, 2.5)
-            a = origin + d * 0.7 * parent_r
-            b = origin + d * (parent_r + length)
-            centre = origin + d * (parent_r + 0.3 * length)
-            radius = max(np.linalg.norm(a - centre) + r_base, np.linalg.norm(b - centre) + r_tip)
-            if self.clear_of_aneurysms(centre, radius) and self.clear_of_negatives(centre, radius):
-                tree.tubes.append(
-                    Tube(
-                        np.stack([a, b]),
-                        np.array([r_base, r_tip]),
-                        "infundibulum",
-                        tube.generation,
-                        tube.value,
-                    )
-                )
-                self.negatives.append(HardNegative("infundibulum", centre, float(radius), float(2 * r_base)))
-                return True
-        return False
+        self.rng.shuffle(options)
+        return self._place_first_clear(self._infundibulum(tree.tubes[i]) for i in options)
+
+    def _infundibulum(self, tube: Tube) -> tuple[HardNegative, Callable[[], None]]:
+        rng, tree = self.rng, self.tree
+        parent_r = float(tree.tubes[tube.parent].radii[tube.parent_index])
+        origin, d = tube.points[0], tube.tangents[0]
+        r_tip = float(tube.radii[0])
+        r_base = rng.uniform(max(1.35 * r_tip, 0.75), 1.4)
+        length = rng.uniform(1.2, 2.5)
+        a = origin + d * 0.7 * parent_r
+        b = origin + d * (parent_r + length)
+        centre = origin + d * (parent_r + 0.3 * length)
+        radius = max(np.linalg.norm(a - centre) + r_base, np.linalg.norm(b - centre) + r_tip)
+        cone = Tube(np.stack([a, b]), np.array([r_base, r_tip]), "infundibulum", tube.generation, tube.value)
+        negative = HardNegative("infundibulum", centre, float(radius), float(2 * r_base))
+        return negative, lambda: tree.tubes.append(cone)
 
     def _wall_points(self, r_low: float, r_high: float) -> list[tuple[int, int]]:
         out = []
@@ -560,45 +661,34 @@ class _Placer:
         return out
 
     def add_fusiform_bulge(self) -> bool:
-        rng = self.rng
-        options = self._wall_points(0.7, 2.0)
-        for _ in range(20):
-            if not options:
-                return False
-            t, j = options[int(rng.integers(len(options)))]
-            tube = self.tree.tubes[t]
-            amount, width = rng.uniform(0.15, 0.3), rng.uniform(1.5, 3.0)
-            r_peak = float(tube.radii[j]) * (1 + amount)
-            centre = tube.points[j].copy()
-            radius = r_peak + width
-            if self.clear_of_aneurysms(centre, radius) and self.clear_of_negatives(centre, radius):
-                s = tube.arclength
-                tube.radii = tube.radii * (1.0 + amount * np.exp(-(((s - s[j]) / width) ** 2)))
-                self.negatives.append(
-                    HardNegative("fusiform_bulge", centre, float(radius), float(2 * r_peak))
-                )
-                return True
-        return False
+        """Widen a 1.4-4 mm vessel by 15-30 % over a few mm, at up to 20 random sites."""
+        sites = self._random_sites(self._wall_points(0.7, 2.0))
+        return self._place_first_clear(self._fusiform_bulge(tube, j) for tube, j in sites)
+
+    def _fusiform_bulge(self, tube: Tube, j: int) -> tuple[HardNegative, Callable[[], None]]:
+        amount, width = self.rng.uniform(0.15, 0.3), self.rng.uniform(1.5, 3.0)
+        r_peak = float(tube.radii[j]) * (1 + amount)
+        centre = tube.points[j].copy()
+
+        def widen() -> None:
+            s = tube.arclength
+            tube.radii = tube.radii * (1.0 + amount * np.exp(-(((s - s[j]) / width) ** 2)))
+
+        return HardNegative("fusiform_bulge", centre, float(r_peak + width), float(2 * r_peak)), widen
 
     def add_wall_bump(self) -> bool:
-        rng = self.rng
-        options = self._wall_points(0.8, 2.5)
-        for _ in range(20):
-            if not options:
-                return False
-            t, j = options[int(rng.integers(len(options)))]
-            tube = self.tree.tubes[t]
-            r_bump = rng.uniform(0.45, 0.72)  # below the smallest aneurysm (1.5 mm)
-            normal = _perpendicular(rng, tube.tangents[j])
-            centre = tube.points[j] + normal * (tube.radii[j] + 0.1 * r_bump)
-            if self.clear_of_aneurysms(centre, r_bump) and self.clear_of_negatives(centre, r_bump):
-                pts = np.stack([tube.points[j] + normal * 0.5 * tube.radii[j], centre])
-                self.tree.tubes.append(
-                    Tube(pts, np.array([0.8 * r_bump, r_bump]), "wall_bump", tube.generation, tube.value)
-                )
-                self.negatives.append(HardNegative("wall_bump", centre, float(r_bump), float(2 * r_bump)))
-                return True
-        return False
+        """Put a small saccular bulge (below aneurysm size) on a 1.6-5 mm vessel, at up to 20 random sites."""
+        sites = self._random_sites(self._wall_points(0.8, 2.5))
+        return self._place_first_clear(self._wall_bump(tube, j) for tube, j in sites)
+
+    def _wall_bump(self, tube: Tube, j: int) -> tuple[HardNegative, Callable[[], None]]:
+        r_bump = self.rng.uniform(0.45, 0.72)  # below the smallest aneurysm (1.5 mm)
+        normal = _perpendicular(self.rng, tube.tangents[j])
+        centre = tube.points[j] + normal * (tube.radii[j] + 0.1 * r_bump)
+        pts = np.stack([tube.points[j] + normal * 0.5 * tube.radii[j], centre])
+        bump = Tube(pts, np.array([0.8 * r_bump, r_bump]), "wall_bump", tube.generation, tube.value)
+        negative = HardNegative("wall_bump", centre, float(r_bump), float(2 * r_bump))
+        return negative, lambda: self.tree.tubes.append(bump)
 
     def add_landmarks(self) -> None:
         """Record the templates' wide, curved and branching anatomy (siphon, junctions) away from aneurysms."""
@@ -673,8 +763,7 @@ def place_hard_negatives(
     Returns:
         the hard negatives, each drawn as vessel.
     """
-    placer = _Placer(rng, tree)
-    placer.aneurysms = list(aneurysms)
+    placer = _Placer(rng, tree, aneurysms=list(aneurysms))
     placer.add_overlapping_loops()
     for _ in range(int(rng.integers(1, 3))):
         placer.add_infundibulum()
