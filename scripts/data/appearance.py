@@ -23,6 +23,7 @@ Every draw is recorded in the returned ``info`` (JSON-serialisable). Appearance 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -69,46 +70,51 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
+@dataclass(eq=False)
 class BoneSpec:
     """A curved bone-like plate: a cap of the spherical shell ``R <= |p - centre| <= R + thickness``.
+
+    Array-likes are stored as float64 arrays, numbers as floats (``texture_seed`` as int).
 
     Args:
         centre: (3,) sphere centre in mm (outside the field of view).
         inner_radius: ``R`` in mm.
         thickness: plate thickness in mm.
-        axis: (3,) unit vector from ``centre`` to the middle of the plate.
+        axis: (3,) vector from ``centre`` to the middle of the plate (stored as a unit vector).
         half_angle: angular half-width of the plate (radians).
         intensity: AU of the cortical surface.
         rim: ``(amp, k, phase)`` harmonics of the rim in the azimuth ``phi`` about ``axis``: the plate
             reaches ``half_angle * (1 + sum amp cos(k phi + phase))``, so its outline is irregular.
+            Default none (stored as a tuple).
         kind: ``"plate"`` (cortical surfaces brighter than the middle), ``"cortical"`` (a thin uniform
             line) or ``"cancellous"`` (thick, with a blobby trabecular texture). Default ``"plate"``.
         texture_seed: seed of the cancellous texture (only used by ``"cancellous"``). Default 0.
+
+    Raises:
+        ValueError: for a ``kind`` not in :data:`BONE_KINDS`.
     """
 
-    def __init__(
-        self,
-        centre,
-        inner_radius,
-        thickness,
-        axis,
-        half_angle,
-        intensity,
-        rim=(),
-        kind="plate",
-        texture_seed=0,
-    ):
-        if kind not in BONE_KINDS:
-            raise ValueError(f"BoneSpec kind must be one of {BONE_KINDS}, got {kind!r}.")
-        self.centre = np.asarray(centre, dtype=np.float64)
-        self.inner_radius = float(inner_radius)
-        self.thickness = float(thickness)
-        self.axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-        self.half_angle = float(half_angle)
-        self.intensity = float(intensity)
-        self.rim = tuple(rim)
-        self.kind = kind
-        self.texture_seed = int(texture_seed)
+    centre: np.ndarray
+    inner_radius: float
+    thickness: float
+    axis: np.ndarray
+    half_angle: float
+    intensity: float
+    rim: tuple = ()
+    kind: str = "plate"
+    texture_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BONE_KINDS:
+            raise ValueError(f"BoneSpec kind must be one of {BONE_KINDS}, got {self.kind!r}.")
+        self.centre = np.asarray(self.centre, dtype=np.float64)
+        self.inner_radius = float(self.inner_radius)
+        self.thickness = float(self.thickness)
+        self.axis = np.asarray(self.axis, dtype=np.float64) / np.linalg.norm(self.axis)
+        self.half_angle = float(self.half_angle)
+        self.intensity = float(self.intensity)
+        self.rim = tuple(self.rim)
+        self.texture_seed = int(self.texture_seed)
 
     @classmethod
     def sample(
@@ -144,16 +150,33 @@ class BoneSpec:
         return {"kind": self.kind, "thickness_mm": _r(self.thickness, 2), "intensity": _r(self.intensity, 1)}
 
 
+@dataclass(eq=False)
 class StreakSpec:
-    """In-plane streaks radiating from ``source`` (mm): lines at ``angles`` with signed ``amplitudes`` (AU)."""
+    """In-plane streaks radiating from ``source`` (mm): lines at ``angles`` with signed ``amplitudes`` (AU).
 
-    def __init__(self, source, angles, amplitudes, width, decay, z_sigma):
-        self.source = np.asarray(source, dtype=np.float64)
-        self.angles = np.asarray(angles, dtype=np.float64)
-        self.amplitudes = np.asarray(amplitudes, dtype=np.float64)
-        self.width = float(width)
-        self.decay = float(decay)
-        self.z_sigma = float(z_sigma)
+    Args:
+        source: (3,) point the lines radiate from, in mm.
+        angles: (L,) in-plane angle of each line (radians).
+        amplitudes: (L,) signed amplitude of each line in AU.
+        width: line width in mm.
+        decay: distance (mm) over which the lines fade.
+        z_sigma: extent (mm) of the lines along Z.
+    """
+
+    source: np.ndarray
+    angles: np.ndarray
+    amplitudes: np.ndarray
+    width: float
+    decay: float
+    z_sigma: float
+
+    def __post_init__(self) -> None:
+        self.source = np.asarray(self.source, dtype=np.float64)
+        self.angles = np.asarray(self.angles, dtype=np.float64)
+        self.amplitudes = np.asarray(self.amplitudes, dtype=np.float64)
+        self.width = float(self.width)
+        self.decay = float(self.decay)
+        self.z_sigma = float(self.z_sigma)
 
     @classmethod
     def sample(
@@ -439,6 +462,114 @@ def _field_of_view(rng, image: np.ndarray, distance: np.ndarray, spacing, low: f
     info["fov"] = {"radius_mm": _r(radius, 2), "fill": fill_kind, "visible": bool((weight < 1).any())}
 
 
+@dataclass(frozen=True)
+class _Contrast:
+    """A case's drawn contrast: lumen AU, lumen-to-tissue ratio and contrast-to-noise ratio."""
+
+    lumen: float
+    ratio: float
+    cnr: float
+
+    @property
+    def background(self) -> float:
+        """Soft-tissue AU."""
+        return self.lumen / self.ratio
+
+    @property
+    def contrast(self) -> float:
+        """Lumen minus tissue, AU."""
+        return self.lumen - self.background
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, centre: Centre, info: dict) -> _Contrast:
+        """Draw from ``centre``'s ranges and record the draws in ``info``."""
+        lumen = float(rng.uniform(*centre.lumen_intensity))
+        ratio = _log_uniform(rng, *centre.contrast_ratio)
+        cnr = _log_uniform(rng, *centre.cnr)
+        drawn = cls(lumen, ratio, cnr)
+        info["lumen_intensity"] = _r(lumen, 1)
+        info["background_intensity"] = _r(drawn.background, 1)
+        info["contrast_ratio"] = _r(ratio, 3)
+        info["cnr"] = _r(cnr, 2)
+        return drawn
+
+
+def _object(
+    rng, distance: np.ndarray, value: np.ndarray, spacing, drawn: _Contrast, info: dict
+) -> np.ndarray:
+    """Tissue plus ``(lumen - tissue) * partial volume``; (X, Y, Z) float32 AU."""
+    tissue = _tissue(rng, distance.shape, spacing, drawn.background, drawn.contrast, info)
+    image = occupancy(distance, spacing)
+    image *= _opacification(rng, value, spacing, drawn.ratio, info) * np.float32(drawn.lumen) - tissue
+    image += tissue
+    return image
+
+
+def _dense_objects(
+    rng, image: np.ndarray, distance: np.ndarray, centre: Centre, extent, drawn: _Contrast, info: dict
+) -> tuple[list[BoneSpec], tuple[np.ndarray, float] | None]:
+    """Draw bone plates and a metal sphere into ``image`` in place.
+
+    Returns:
+        ``(bones, metal)``: the bones drawn and the metal's ``(centre_mm, radius)``, ``None`` if none.
+    """
+    shape, spacing = image.shape, centre.spacing
+    bones = _bones(rng, centre, extent, drawn.lumen, shape, info)
+    for bone in bones:
+        np.maximum(image, bone_layer(bone, shape, spacing) + np.float32(drawn.background), out=image)
+    metal = _metal(rng, distance, spacing, drawn.lumen, info)
+    if metal is not None:
+        image += np.float32(info["metal"]["intensity"]) * _sphere(shape, spacing, *metal)
+    return bones, metal
+
+
+def _inhomogeneity(rng, image: np.ndarray, centre: Centre, background: float, info: dict) -> None:
+    """Multiply by a smooth gain field and add a smooth offset, in place."""
+    shape, spacing = image.shape, centre.spacing
+    inhomogeneity = centre.inhomogeneity * rng.uniform(0.3, 1.5)
+    image *= np.float32(1.0) + np.float32(inhomogeneity) * gain_field(rng, shape, spacing)
+    image += np.float32(0.3 * background) * gain_field(rng, shape, spacing, terms=2)
+    info["inhomogeneity"] = _r(inhomogeneity, 3)
+
+
+def _streak_artefacts(
+    rng,
+    image: np.ndarray,
+    centre: Centre,
+    lumen: float,
+    bones: list[BoneSpec],
+    metal: tuple[np.ndarray, float] | None,
+    focus: np.ndarray,
+    info: dict,
+) -> None:
+    """Streaks from the first bone (or near ``focus``) with the centre's probability, and from any metal; in place."""
+    if rng.random() < centre.p_streaks:
+        if bones:
+            source = bones[0].centre + bones[0].axis * bones[0].inner_radius
+        else:
+            source = focus + rng.normal(0.0, 3.0, size=3)
+        streaks = StreakSpec.sample(rng, source, lumen, strength=_log_uniform(rng, 0.3, 3.0))
+        add_streaks(image, streaks, centre.spacing)
+        info["streaks"] = streaks.to_info()
+    if metal is not None:
+        streaks = StreakSpec.sample(rng, metal[0], lumen, strength=rng.uniform(3.0, 8.0))
+        streaks.decay *= 1.5
+        add_streaks(image, streaks, centre.spacing)
+        info["metal"]["streaks"] = streaks.to_info()
+
+
+def _noise(rng, image: np.ndarray, centre: Centre, drawn: _Contrast, info: dict) -> None:
+    """White or correlated noise of std ``contrast / cnr`` plus signal-dependent noise, in place."""
+    correlation = 0.0 if rng.random() < P_WHITE_NOISE else rng.uniform(0.4, 1.2)
+    relative = centre.noise_relative * rng.uniform(0.3, 1.5)
+    add_noise(image, rng, drawn.contrast / drawn.cnr, relative, correlation)
+    info["noise"] = {
+        "sigma": _r(drawn.contrast / drawn.cnr, 2),
+        "relative": _r(relative, 4),
+        "correlation_vox": _r(correlation, 3),
+    }
+
+
 def render_intensity(
     distance: np.ndarray,
     value: np.ndarray,
@@ -448,6 +579,9 @@ def render_intensity(
     focus: np.ndarray,
 ) -> tuple[np.ndarray, dict]:
     """Turn a lumen signed distance and opacification into a 3DRA-like image with drawn appearance.
+
+    The steps, in the order they draw from ``rng``: contrast, object (tissue and lumen), bone and metal,
+    blur, inhomogeneity, streaks, rings and stripes, noise, units, reconstruction circle.
 
     Args:
         distance: (X, Y, Z) signed distance to the lumen in mm (negative inside); not modified.
@@ -466,65 +600,16 @@ def render_intensity(
             produced by accident).
     """
     spacing = centre.spacing
-    lumen = float(rng.uniform(*centre.lumen_intensity))
-    ratio = _log_uniform(rng, *centre.contrast_ratio)
-    background = lumen / ratio
-    contrast = lumen - background
-    cnr = _log_uniform(rng, *centre.cnr)
-    info: dict = {
-        "lumen_intensity": _r(lumen, 1),
-        "background_intensity": _r(background, 1),
-        "contrast_ratio": _r(ratio, 3),
-        "cnr": _r(cnr, 2),
-    }
-    shape = distance.shape
-
-    # object: tissue + (lumen - tissue) * partial volume
-    tissue = _tissue(rng, shape, spacing, background, contrast, info)
-    image = occupancy(distance, spacing)
-    image *= _opacification(rng, value, spacing, ratio, info) * np.float32(lumen) - tissue
-    image += tissue
-    del tissue
-
-    bones = _bones(rng, centre, extent, lumen, shape, info)
-    for bone in bones:
-        np.maximum(image, bone_layer(bone, shape, spacing) + np.float32(background), out=image)
-    metal = _metal(rng, distance, spacing, lumen, info)
-    if metal is not None:
-        image += np.float32(info["metal"]["intensity"]) * _sphere(shape, spacing, *metal)
-
+    info: dict = {}
+    drawn = _Contrast.sample(rng, centre, info)
+    image = _object(rng, distance, value, spacing, drawn, info)
+    bones, metal = _dense_objects(rng, image, distance, centre, extent, drawn, info)
     image = _blur(rng, image, centre, spacing, info)
-
-    inhomogeneity = centre.inhomogeneity * rng.uniform(0.3, 1.5)
-    image *= np.float32(1.0) + np.float32(inhomogeneity) * gain_field(rng, shape, spacing)
-    image += np.float32(0.3 * background) * gain_field(rng, shape, spacing, terms=2)
-    info["inhomogeneity"] = _r(inhomogeneity, 3)
-
-    if rng.random() < centre.p_streaks:
-        if bones:
-            source = bones[0].centre + bones[0].axis * bones[0].inner_radius
-        else:
-            source = focus + rng.normal(0.0, 3.0, size=3)
-        streaks = StreakSpec.sample(rng, source, lumen, strength=_log_uniform(rng, 0.3, 3.0))
-        add_streaks(image, streaks, spacing)
-        info["streaks"] = streaks.to_info()
-    if metal is not None:
-        streaks = StreakSpec.sample(rng, metal[0], lumen, strength=rng.uniform(3.0, 8.0))
-        streaks.decay *= 1.5
-        add_streaks(image, streaks, spacing)
-        info["metal"]["streaks"] = streaks.to_info()
-    _rings_and_stripes(rng, image, spacing, contrast, info)
-
-    correlation = 0.0 if rng.random() < P_WHITE_NOISE else rng.uniform(0.4, 1.2)
-    relative = centre.noise_relative * rng.uniform(0.3, 1.5)
-    add_noise(image, rng, contrast / cnr, relative, correlation)
-    info["noise"] = {
-        "sigma": _r(contrast / cnr, 2),
-        "relative": _r(relative, 4),
-        "correlation_vox": _r(correlation, 3),
-    }
-
-    low, _ = _units(rng, image, lumen, background, info)
+    _inhomogeneity(rng, image, centre, drawn.background, info)
+    _streak_artefacts(rng, image, centre, drawn.lumen, bones, metal, focus, info)
+    _rings_and_stripes(rng, image, spacing, drawn.contrast, info)
+    _noise(rng, image, centre, drawn, info)
+    low, _ = _units(rng, image, drawn.lumen, drawn.background, info)
     _field_of_view(rng, image, distance, spacing, low, info)
     if not np.all(np.isfinite(image)) or float(image.max()) <= float(image.min()):
         raise RuntimeError(f"render_intensity produced a non-finite or constant volume; draws: {info}")
