@@ -282,6 +282,27 @@ class _WalkResult:
     marks: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Heading:
+    """The state a random walk carries from step to step.
+
+    Attributes:
+        direction: (3,) unit tangent.
+        curvature: (3,) current curvature (1/mm), perpendicular to ``direction``; default zero.
+        zrun_left: mm left of the current run along Z (none when <= 0); default 0.
+        z_target: (3,) the direction a Z run pulls towards; default up (+Z) when the walk starts upwards.
+    """
+
+    direction: np.ndarray
+    curvature: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    zrun_left: float = 0.0
+    z_target: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.z_target is None:
+            self.z_target = _EZ * (1.0 if self.direction[2] >= 0 else -1.0)
+
+
 class _TreeGrower:
     """Grows one tree; holds the random generator and the field of view."""
 
@@ -314,54 +335,37 @@ class _TreeGrower:
         force_overlapping_loop: bool = False,
         min_radius: float = MIN_RADIUS_MM,
     ) -> _WalkResult:
-        """Random walk with smooth curvature. Rates are per mm; curvature std ``tortuosity`` (1/mm)."""
+        """Random walk with smooth curvature. Rates are per mm; curvature std ``tortuosity`` (1/mm).
+
+        Each step either coils into a helical loop (:meth:`_loop`) or turns (:meth:`_turn`: kinks, runs
+        along Z, curvature noise), is steered back from the faces (``steer``) and advances ``_STEP_MM``;
+        the walk stops early once it leaves the field of view.
+        """
         rng, step = self.rng, _STEP_MM
-        corr = 4.0  # curvature correlation length, mm
         n_steps = max(3, int(round(length / step)))
-        p, d = np.asarray(start, float).copy(), _unit(np.asarray(direction, float))
-        kappa = np.zeros(3)
+        p = np.asarray(start, float).copy()
+        heading = _Heading(_unit(np.asarray(direction, float)), zrun_left=zrun_first)
         points, radii, side, loops = [p.copy()], [r0], [], []
-        zrun_left, z_target = zrun_first, _EZ * (1.0 if d[2] >= 0 else -1.0)
         forced_at = (
             int(rng.integers(n_steps // 4, max(n_steps // 4 + 1, 3 * n_steps // 4)))
             if force_overlapping_loop
             else -1
         )
         k, exited = 0, False
-        half, margin = self.extent / 2.0, 4.0
         while k < n_steps:
             r = r0 + (r1 - r0) * k / n_steps
             u = rng.random(4)
             want_loop = k == forced_at or (loop_rate > 0 and u[0] < loop_rate * step and 3 < k < n_steps - 6)
-            if want_loop and r <= 1.6 and zrun_left <= 0:
+            if want_loop and r <= 1.6 and heading.zrun_left <= 0:
                 overlapping = k == forced_at or rng.random() < 0.4
-                k += self._loop(points, radii, loops, d, r, overlapping)
+                k += self._loop(points, radii, loops, heading.direction, r, overlapping)
                 p = points[-1].copy()
-                d = _unit(points[-1] - points[-2])
+                heading.direction = _unit(points[-1] - points[-2])
                 continue
-            if u[1] < kink_rate * step:
-                d = _rotate(d, _perpendicular(rng, d), np.deg2rad(rng.uniform(30.0, 65.0)))
-            if zrun_left <= 0 and u[2] < zrun_rate * step:
-                zrun_left = rng.uniform(8.0, 18.0)
-                z_target = _EZ * (1.0 if d[2] >= 0 else -1.0)
-            noise = rng.standard_normal(3)
-            kappa = kappa * (1.0 - step / corr) + tortuosity * np.sqrt(step / corr) * noise
-            kappa -= (kappa @ d) * d
-            if zrun_left > 0:
-                d = d + 0.35 * (z_target - d)
-                zrun_left -= step
-                bend = 0.25 * kappa
-            else:
-                bend = kappa
-            d = d + bend * step
+            d = self._turn(heading, u, tortuosity, kink_rate, zrun_rate)
             if steer:
-                q = p - self.centre
-                over = np.abs(q) - (half - margin)
-                if np.any(over > 0):
-                    push = -np.sign(q) * np.clip(over, 0.0, None)
-                    if d @ push < 0.2 * np.linalg.norm(push):
-                        d = d + 0.15 * _unit(push)
-            d = _unit(d)
+                d = self._steer_inward(p, d)
+            heading.direction = d = _unit(d)
             p = p + d * step
             points.append(p.copy())
             radii.append(r)
@@ -373,6 +377,47 @@ class _TreeGrower:
                 break
         radii_arr = self._wobble(np.asarray(radii), min_radius)
         return _WalkResult(np.asarray(points), radii_arr, side, loops, exited)
+
+    def _turn(
+        self, heading: _Heading, u: np.ndarray, tortuosity: float, kink_rate: float, zrun_rate: float
+    ) -> np.ndarray:
+        """One step's change of direction; updates ``heading``'s curvature and Z run, returns the new tangent.
+
+        A kink (probability ``kink_rate`` per mm, decided by ``u[1]``) turns the tangent by 30-65 degrees; a
+        Z run (``zrun_rate``, by ``u[2]``) pulls it towards Z for 8-18 mm; the curvature is an
+        Ornstein-Uhlenbeck process of std ``tortuosity`` (1/mm) with a 4 mm correlation length.
+
+        Returns:
+            (3,) the new tangent, not yet normalised.
+        """
+        rng, step, corr = self.rng, _STEP_MM, 4.0
+        d = heading.direction
+        if u[1] < kink_rate * step:
+            d = _rotate(d, _perpendicular(rng, d), np.deg2rad(rng.uniform(30.0, 65.0)))
+        if heading.zrun_left <= 0 and u[2] < zrun_rate * step:
+            heading.zrun_left = rng.uniform(8.0, 18.0)
+            heading.z_target = _EZ * (1.0 if d[2] >= 0 else -1.0)
+        noise = rng.standard_normal(3)
+        kappa = heading.curvature * (1.0 - step / corr) + tortuosity * np.sqrt(step / corr) * noise
+        kappa -= (kappa @ d) * d
+        heading.curvature = kappa
+        if heading.zrun_left > 0:
+            d = d + 0.35 * (heading.z_target - d)
+            heading.zrun_left -= step
+            bend = 0.25 * kappa
+        else:
+            bend = kappa
+        return d + bend * step
+
+    def _steer_inward(self, p: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """``d`` nudged back towards the centre when ``p`` is within 4 mm of a face and not already turning in."""
+        q = p - self.centre
+        over = np.abs(q) - (self.extent / 2.0 - 4.0)
+        if np.any(over > 0):
+            push = -np.sign(q) * np.clip(over, 0.0, None)
+            if d @ push < 0.2 * np.linalg.norm(push):
+                d = d + 0.15 * _unit(push)
+        return d
 
     def _loop(
         self, points: list, radii: list, loops: list, d: np.ndarray, r: float, overlapping: bool
@@ -694,9 +739,23 @@ class _TreeGrower:
     def _grow_anterior(self) -> list[int]:
         """ICA siphon from below, ophthalmic/PComm/AChA, ICA terminus into M1 (to the MCA) and A1 (to ACom)."""
         rng = self.rng
-        up, lateral, anterior = self._frame()
+        frame = self._frame()
         r_m1, r_a1 = rng.uniform(1.15, 1.6), rng.uniform(0.75, 1.25)
         r_term = (r_m1**3 + r_a1**3) ** (1.0 / 3.0)  # Murray at the ICA terminus
+        trunk, supra = self._ica_siphon(frame, r_term)
+        self._ica_twigs(trunk, supra, frame)
+        i_m1, i_a1 = self._ica_terminus(trunk, r_m1, r_a1, r_term, frame)
+        m2 = self._mca(i_m1, frame[0], frame[2])
+        return [*m2, self._acom_complex(i_a1, frame)]
+
+    def _ica_siphon(self, frame: tuple[np.ndarray, np.ndarray, np.ndarray], r_term: float) -> tuple[int, int]:
+        """The ICA trunk from below through the siphon (its genu recorded as a landmark), ending at ``r_term``.
+
+        Returns:
+            ``(trunk, supra)``: the trunk's tube index and the point where its supraclinoid piece starts.
+        """
+        rng = self.rng
+        up, lateral, anterior = frame
         r_ica = float(np.clip(rng.uniform(1.85, 2.6), r_term / 0.85, MAX_RADIUS_MM))
         bend = r_ica * rng.uniform(1.3, 2.2)  # radius of curvature of the anterior genu
         genu = rng.uniform(150.0, 195.0)
@@ -719,18 +778,18 @@ class _TreeGrower:
         self._enter(ica)
         genu_mid, supra = ica.marks[-3], ica.marks[-2]
         trunk = self.add(ica, "trunk", 0, float(rng.uniform(0.97, 1.03)), name="ica")
-        tube = self.tree.tubes[trunk]
+        point = self.tree.tubes[trunk].points[genu_mid].copy()
         self.tree.landmarks.append(
-            Landmark(
-                "siphon_bend",
-                trunk,
-                genu_mid,
-                tube.points[genu_mid].copy(),
-                bend + r_ica + 1.0,
-                2 * (bend + r_ica),
-            )
+            Landmark("siphon_bend", trunk, genu_mid, point, bend + r_ica + 1.0, 2 * (bend + r_ica))
         )
-        n = len(tube.points)
+        return trunk, supra
+
+    def _ica_twigs(self, trunk: int, supra: int, frame: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """The ophthalmic, PComm (80 %) and AChA arteries off the supraclinoid ICA."""
+        rng = self.rng
+        up, lateral, anterior = frame
+        back = -anterior
+        n = len(self.tree.tubes[trunk].points)
         self._twig(
             trunk,
             min(supra + 1, n - 3),
@@ -757,7 +816,19 @@ class _TreeGrower:
             rng.uniform(10, 16),
             "acha",
         )
-        # ICA terminus: M1 laterally, A1 medially and forward, 90-110 degrees from the ICA each
+
+    def _ica_terminus(
+        self,
+        trunk: int,
+        r_m1: float,
+        r_a1: float,
+        r_term: float,
+        frame: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> tuple[int, int]:
+        """M1 laterally and A1 medially and forward, 90-110 degrees from the ICA each; returns ``(m1, a1)``."""
+        rng = self.rng
+        up, lateral, anterior = frame
+        tube = self.tree.tubes[trunk]
         end = tube.points[-1]
         m1 = self.arc(
             end,
@@ -780,10 +851,14 @@ class _TreeGrower:
         )
         i_m1, i_a1 = self._split(trunk, [m1, a1], ("m1", "a1"), "ica_terminus", 1)
         self.tree.landmarks.append(
-            Landmark("ica_terminus", trunk, n - 1, end.copy(), r_term + 1.5, 2 * r_term + 1.0)
+            Landmark("ica_terminus", trunk, len(tube.points) - 1, end.copy(), r_term + 1.5, 2 * r_term + 1.0)
         )
-        m2 = self._mca(i_m1, up, anterior)
-        # ACom / A1-A2 junction: the A2 runs up and forward, the ACom crosses the midline
+        return i_m1, i_a1
+
+    def _acom_complex(self, i_a1: int, frame: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+        """The A1-A2 junction: the A2 runs up and forward, the ACom crosses the midline; returns the A2."""
+        rng = self.rng
+        up, _, anterior = frame
         a1_tube = self.tree.tubes[i_a1]
         r_a2, r_acom, _, _ = self._murray_pair(float(a1_tube.radii[-1]), 0.5, 0.85)
         t = a1_tube.tangents[-1]
@@ -793,7 +868,7 @@ class _TreeGrower:
             _unit(up + 0.3 * anterior - rng.uniform(0.2, 0.6) * t),
             r_a2,
             r_a2 * 0.85,
-            [(rng.uniform(10, 18), rng.uniform(20, 50), _unit(back + up))],
+            [(rng.uniform(10, 18), rng.uniform(20, 50), _unit(-anterior + up))],
             noise=0.05,
         )
         acom = self.arc(
@@ -805,18 +880,28 @@ class _TreeGrower:
             noise=0.02,
         )
         i_a2, _ = self._split(i_a1, [a2, acom], ("a2", "acom"), "acom", 2)
-        return [*m2, i_a2]
+        return i_a2
 
     def _grow_posterior(self) -> list[int]:
         """Vertebral arteries into the basilar (AICAs, SCAs), the basilar tip into two P1s."""
         rng = self.rng
-        up, lateral, anterior = self._frame()
+        frame = self._frame()
         r_p1 = rng.uniform(0.75, 1.25, size=2)
         r_tip = float(np.sum(r_p1**3) ** (1.0 / 3.0))  # Murray at the basilar tip
         sides = [1.0, -1.0] if rng.random() < 0.7 else [float(rng.choice([-1.0, 1.0]))]
         r_vert = rng.uniform(1.25, 2.0, size=len(sides))
         r_ba = float(np.clip(np.sum(r_vert**3) ** (1.0 / 3.0) * rng.uniform(0.8, 0.95), 1.5, 2.0))
         r_ba = max(r_ba, min(1.08 * r_tip, MAX_RADIUS_MM))
+        trunk = self._basilar(frame, r_ba, r_tip)
+        self._vertebrals(trunk, sides, r_vert, r_ba, frame)
+        distal = self._cerebellar_arteries(trunk, frame)
+        distal.extend(self._basilar_tip(trunk, r_p1, frame))
+        return distal
+
+    def _basilar(self, frame: tuple[np.ndarray, np.ndarray, np.ndarray], r_ba: float, r_tip: float) -> int:
+        """The basilar trunk, straight or (40 %) bowed sideways (recorded as a landmark); returns its index."""
+        rng = self.rng
+        up, lateral, anterior = frame
         length = rng.uniform(18.0, 30.0)
         tortuous = rng.random() < 0.4
         bow = lateral * rng.choice([-1.0, 1.0])
@@ -831,14 +916,24 @@ class _TreeGrower:
         basilar = self.arc(np.zeros(3), up, r_ba, 1.02 * r_tip, plan, noise=0.02, stop_outside=False)
         self._place(basilar, -1, (0.3, 0.3, 0.55), (0.7, 0.7, 0.85))
         trunk = self.add(basilar, "trunk", 0, float(rng.uniform(0.97, 1.03)), name="basilar")
-        tube = self.tree.tubes[trunk]
-        n = len(tube.points)
         if tortuous:
             j = basilar.marks[0]
-            self.tree.landmarks.append(
-                Landmark("tortuous_basilar", trunk, j, tube.points[j].copy(), r_ba + 2.5, 2 * r_ba)
-            )
-        # vertebral arteries: down and apart from the junction, then straight down out of the field of view
+            point = self.tree.tubes[trunk].points[j].copy()
+            self.tree.landmarks.append(Landmark("tortuous_basilar", trunk, j, point, r_ba + 2.5, 2 * r_ba))
+        return trunk
+
+    def _vertebrals(
+        self,
+        trunk: int,
+        sides: Sequence[float],
+        r_vert: np.ndarray,
+        r_ba: float,
+        frame: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        """Vertebral arteries: down and apart from the junction, then straight down out of the field of view."""
+        rng = self.rng
+        up, lateral, anterior = frame
+        tube = self.tree.tubes[trunk]
         for side, r in zip(sides, r_vert, strict=True):
             d = _unit(-up + side * rng.uniform(0.5, 1.0) * lateral + 0.2 * anterior)
             res = self.arc(
@@ -860,7 +955,13 @@ class _TreeGrower:
                     "vertebrobasilar_junction", trunk, 0, tube.points[0].copy(), r_ba + 2.0, 2 * r_ba + 2.0
                 )
             )
-        distal = []
+
+    def _cerebellar_arteries(self, trunk: int, frame: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[int]:
+        """An AICA (70 %) and an SCA off each side of the basilar; returns the SCAs."""
+        rng = self.rng
+        up, lateral, anterior = frame
+        n = len(self.tree.tubes[trunk].points)
+        scas = []
         j_aica = int(n * rng.uniform(0.2, 0.35))
         j_sca = max(n - 1 - int(rng.uniform(1.5, 3.0) / _STEP_MM), 1)
         for side in (1.0, -1.0):
@@ -873,7 +974,7 @@ class _TreeGrower:
                     rng.uniform(10, 16),
                     "aica",
                 )
-            distal.append(
+            scas.append(
                 self._twig(
                     trunk,
                     j_sca,
@@ -884,7 +985,15 @@ class _TreeGrower:
                     generation=2,
                 )
             )
-        # basilar tip: a wide T into the P1s, which curve back round the midbrain into the P2s
+        return scas
+
+    def _basilar_tip(
+        self, trunk: int, r_p1: np.ndarray, frame: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ) -> list[int]:
+        """A wide T into the P1s, which curve back round the midbrain into the P2s; returns the P1s."""
+        rng = self.rng
+        up, lateral, anterior = frame
+        end = self.tree.tubes[trunk].points[-1]
         results = []
         for side, r in zip((1.0, -1.0), r_p1, strict=True):
             d = _unit(side * lateral + 0.25 * up + 0.1 * rng.standard_normal(3))
@@ -893,11 +1002,8 @@ class _TreeGrower:
                 (rng.uniform(6.0, 10.0), rng.uniform(60.0, 100.0), -anterior),
                 (rng.uniform(8.0, 14.0), rng.uniform(-20.0, 20.0), up),
             ]
-            results.append(
-                self.arc(tube.points[-1], d, float(r), float(r) * rng.uniform(0.8, 0.9), pl, noise=0.04)
-            )
-        distal.extend(self._split(trunk, results, ("p1", "p1"), "basilar_tip", 2))
-        return distal
+            results.append(self.arc(end, d, float(r), float(r) * rng.uniform(0.8, 0.9), pl, noise=0.04))
+        return self._split(trunk, results, ("p1", "p1"), "basilar_tip", 2)
 
     def _grow_mca(self) -> list[int]:
         """An M1 entering from the side, with lenticulostriate branches, ending in the MCA bi/trifurcation."""
