@@ -124,41 +124,70 @@ def render_preview(
     Returns:
         the picture, panels on a dark grey canvas 4 pixels apart.
     """
-    image = np.asarray(image)
-    label = np.asarray(label)
-    if image.ndim != 3 or image.shape != label.shape:
-        raise ValueError(f"image and label must be 3D of equal shape, got {image.shape} and {label.shape}.")
+    image, label = _check_volumes(image, label)
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 entries, got {spacing}.")
     sx, sy, sz = (float(s) for s in spacing)
     pixel_mm = [(sy, sx), (sz, sx), (sz, sy)]
-    low, high = np.percentile(image, [1.0, 99.95])
+    window = tuple(np.percentile(image, [1.0, 99.95]))
+    rows = [_mip_row(image, label, window, pixel_mm, scale, alpha, vessel_outline, vessel_alpha)]
+    if slices:
+        centre = tuple(int(c) for c in focus) if focus is not None else _focus(label)
+        rows.append(_slice_row(image, label, centre, window, pixel_mm, scale, vessel_outline))
+    canvas = _arrange(rows, _PANEL_GAP)
+    _annotate(ImageDraw.Draw(canvas), rows[0], (sx, sy, sz), label.shape, scale, markers, numbers, title)
+    return canvas
 
+
+def _check_volumes(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` and ``label`` as arrays; a ``ValueError`` unless both are 3D of one shape."""
+    image, label = np.asarray(image), np.asarray(label)
+    if image.ndim != 3 or image.shape != label.shape:
+        raise ValueError(f"image and label must be 3D of equal shape, got {image.shape} and {label.shape}.")
+    return image, label
+
+
+def _mip_row(
+    image: np.ndarray,
+    label: np.ndarray,
+    window: tuple[float, float],
+    pixel_mm: Sequence[tuple[float, float]],
+    scale: float,
+    alpha: float,
+    vessel_outline: bool,
+    vessel_alpha: float,
+) -> list[Image.Image]:
+    """Axial, coronal and sagittal MIPs of (X, Y, Z) ``image`` with the projected labels drawn on top."""
     mips = _views(image, lambda v, axis: v.max(axis=axis))
     aneurysm_proj = _views(label == 2, lambda v, axis: v.any(axis=axis))
     vessel_proj = _views(label == 1, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
-    rows = [
-        [
-            _panel(_window(m, low, high), a, v, px, scale, alpha, vessel_alpha)
-            for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
-        ]
+    return [
+        _panel(_window(m, *window), a, v, px, scale, alpha, vessel_alpha)
+        for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
     ]
-    if slices:
-        centre = tuple(int(c) for c in focus) if focus is not None else _focus(label)
-        rows.append(_slice_row(image, label, centre, (low, high), pixel_mm, scale, vessel_outline))
-    canvas = _arrange(rows, _PANEL_GAP)
-    draw = ImageDraw.Draw(canvas)
+
+
+def _annotate(
+    draw: ImageDraw.ImageDraw,
+    panels: Sequence[Image.Image],
+    spacing: tuple[float, float, float],
+    shape: Sequence[int],
+    scale: float,
+    markers: Sequence[tuple[Sequence[float], float]],
+    numbers: Sequence[tuple[Sequence[float], str]],
+    title: str | None,
+) -> None:
+    """Name the MIP ``panels`` and draw the markers, numbers and title (see :func:`render_preview`)."""
     x = 0
-    for panel, name in zip(rows[0], ["axial MIP", "coronal MIP", "sagittal MIP"], strict=True):
-        draw.text((x + 4, rows[0][0].height - 14), name, fill=(255, 255, 0))
+    for panel, name in zip(panels, ["axial MIP", "coronal MIP", "sagittal MIP"], strict=True):
+        draw.text((x + 4, panels[0].height - 14), name, fill=(255, 255, 0))
         x += panel.width + _PANEL_GAP
     for voxel, radius in markers:
-        _draw_marker(draw, voxel, radius, (sx, sy, sz), label.shape, rows[0], _PANEL_GAP, scale)
+        _draw_marker(draw, voxel, radius, spacing, shape, panels, _PANEL_GAP, scale)
     for voxel, text in numbers:
-        _draw_number(draw, voxel, text, (sx, sy, sz), label.shape, rows[0], _PANEL_GAP, scale)
+        _draw_number(draw, voxel, text, spacing, shape, panels, _PANEL_GAP, scale)
     if title:
         draw.text((4, 4), title, fill=(255, 255, 0))
-    return canvas
 
 
 def _slice_row(
@@ -239,9 +268,8 @@ def render_oriented_preview(
     Returns:
         the picture.
     """
-    image, label, affine = np.asarray(image), np.asarray(label), np.asarray(affine, dtype=float)
-    if image.ndim != 3 or image.shape != label.shape:
-        raise ValueError(f"image and label must be 3D of equal shape, got {image.shape} and {label.shape}.")
+    image, label = _check_volumes(image, label)
+    affine = np.asarray(affine, dtype=float)
     orientation = nib.orientations.io_orientation(affine)
     # voxel-to-world of the reordered arrays (from the shape before reordering)
     ras_affine = affine @ nib.orientations.inv_ornt_aff(orientation, label.shape)
