@@ -122,47 +122,37 @@ def write_dataset(
     if previews < 0:
         raise ValueError(f"previews must be >= 0, got {previews}.")
     output_dir = os.path.abspath(os.fspath(output_dir))
-    json_path = os.path.join(output_dir, DATASET_JSON)
-    if os.path.exists(json_path):
-        logger.info("removing the old %s before rewriting the dataset", json_path)
-        os.remove(json_path)
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-
-    cases: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    json_path = _clear_folder(output_dir)
     start = time.perf_counter()
+    cases = _write_cases(output_dir, style, seed, recipe["splits"], negatives, previews)
+    _atomic_json(_dataset_description(style, seed, recipe, cases), json_path)
+    logger.info(
+        "wrote %s: %d training, %d validation, %d test cases in %.1f s",
+        json_path,
+        num_train,
+        num_val,
+        num_test,
+        time.perf_counter() - start,
+    )
+    return json_path
+
+
+def _write_cases(
+    output_dir: str, style: Centre, seed: int, counts: Sequence[int], negatives: int, previews: int
+) -> dict[str, list[dict]]:
+    """Generate and save every case (see :func:`write_dataset`); return the datalist entries by split."""
+    num_train, num_val, _ = counts
+    num_cases = sum(counts)
+    cases: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for index in range(num_cases):
         split = "training" if index < num_train else "validation" if index < num_train + num_val else "test"
-        folder = "Ts" if split == "test" else "Tr"
-        name = f"3dra_{style.name}_{index:04d}"
         vessel_free = split == "training" and index >= num_train - negatives
         phantom = (_vessel_free_case if vessel_free else generate_case)(case_seed(seed, index), style)
-        image_rel = f"images{folder}/{name}.nii.gz"
-        label_rel = f"labels{folder}/{name}.nii.gz"
-        _atomic_nifti(phantom.image, phantom.affine, os.path.join(output_dir, image_rel))
-        _atomic_nifti(phantom.label, phantom.affine, os.path.join(output_dir, label_rel))
-        info = phantom.info
-        cases[split].append(
-            {
-                "image": image_rel,
-                "label": label_rel,
-                "case": name,
-                "seed": info["seed"],
-                "num_aneurysms": info["num_aneurysms"],
-                "aneurysm_diameters_mm": info["aneurysm_diameters_mm"],
-                "num_hard_negatives": len(info["hard_negatives"]),
-                "info": info,
-            }
-        )
+        name = f"3dra_{style.name}_{index:04d}"
+        cases[split].append(_write_case(phantom, output_dir, name, "Ts" if split == "test" else "Tr"))
         if index < previews:
-            save_preview(
-                phantom.image,
-                phantom.label,
-                phantom.spacing,
-                os.path.join(output_dir, "previews", f"{name}.png"),
-                title=f"{name}  {info['num_aneurysms']} aneurysm(s) {info['aneurysm_diameters_mm']} mm",
-                markers=[(neg["centre_voxel"], neg["radius_mm"]) for neg in info["hard_negatives"]],
-            )
+            _write_preview(phantom, os.path.join(output_dir, "previews", f"{name}.png"), name)
+        info = phantom.info
         logger.info(
             "case %d/%d %s (%s): %d aneurysm(s) %s mm",
             index + 1,
@@ -172,8 +162,58 @@ def write_dataset(
             info["num_aneurysms"],
             info["aneurysm_diameters_mm"],
         )
+    return cases
 
-    dataset = {
+
+def _clear_folder(output_dir: str) -> str:
+    """Delete ``output_dir``'s ``dataset.json`` (if any) and make the image and label folders; return its path."""
+    json_path = os.path.join(output_dir, DATASET_JSON)
+    if os.path.exists(json_path):
+        logger.info("removing the old %s before rewriting the dataset", json_path)
+        os.remove(json_path)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+    return json_path
+
+
+def _write_case(phantom: Phantom, output_dir: str, name: str, folder: str) -> dict:
+    """Save a case's image and label into ``images{folder}`` and ``labels{folder}``; return its datalist entry."""
+    image_rel = f"images{folder}/{name}.nii.gz"
+    label_rel = f"labels{folder}/{name}.nii.gz"
+    _atomic_nifti(phantom.image, phantom.affine, os.path.join(output_dir, image_rel))
+    _atomic_nifti(phantom.label, phantom.affine, os.path.join(output_dir, label_rel))
+    info = phantom.info
+    return {
+        "image": image_rel,
+        "label": label_rel,
+        "case": name,
+        "seed": info["seed"],
+        "num_aneurysms": info["num_aneurysms"],
+        "aneurysm_diameters_mm": info["aneurysm_diameters_mm"],
+        "num_hard_negatives": len(info["hard_negatives"]),
+        "info": info,
+    }
+
+
+def _write_preview(phantom: Phantom, path: str, name: str) -> None:
+    """PNG preview of a case: aneurysm count and sizes in the title, hard negatives circled."""
+    info = phantom.info
+    save_preview(
+        phantom.image,
+        phantom.label,
+        phantom.spacing,
+        path,
+        title=f"{name}  {info['num_aneurysms']} aneurysm(s) {info['aneurysm_diameters_mm']} mm",
+        markers=[(neg["centre_voxel"], neg["radius_mm"]) for neg in info["hard_negatives"]],
+    )
+
+
+def _dataset_description(
+    style: Centre, seed: int, recipe: dict[str, Any], cases: dict[str, list[dict]]
+) -> dict:
+    """The content of ``dataset.json``: the Decathlon fields, the generator's provenance and the cases."""
+    num_train, num_val, num_test = recipe["splits"]
+    return {
         "name": f"synthetic-3dra-{style.name}",
         "description": "Synthetic 3D rotational angiography phantoms: cerebral arteries and saccular aneurysms",
         "reference": "scripts/data (this bundle)",
@@ -195,16 +235,6 @@ def write_dataset(
         "synthetic_recipe": recipe,
         **cases,
     }
-    _atomic_json(dataset, json_path)
-    logger.info(
-        "wrote %s: %d training, %d validation, %d test cases in %.1f s",
-        json_path,
-        num_train,
-        num_val,
-        num_test,
-        time.perf_counter() - start,
-    )
-    return json_path
 
 
 def _vessel_free_case(seed: int, centre: Centre) -> Phantom:
@@ -290,39 +320,22 @@ def ensure_dataset(
     """
     recipe = dataset_recipe(num_cases, seed, centre, splits, negatives)
     json_path = os.path.join(os.path.abspath(os.fspath(dataset_dir)), DATASET_JSON)
-    if os.path.isfile(json_path):
-        try:
-            with open(json_path) as handle:
-                existing = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{json_path} exists but cannot be read as JSON: {error}") from error
-        if "generator_version" not in existing:
-            raise ValueError(
-                f"{json_path} was not written by the synthetic generator (no 'generator_version'); refusing "
-                "to overwrite it. Pass it as dataset_dir, or choose another synthetic_dir."
-            )
-        old = existing.get("synthetic_recipe", {"generator_version": existing["generator_version"]})
-        if old == recipe:
-            logger.info("reusing the existing dataset %s", json_path)
-            return json_path
-        changed = {k: (old.get(k), recipe[k]) for k in recipe if k != "centre" and old.get(k) != recipe[k]}
-        old_centre = old.get("centre") or {}
-        changed |= {
-            f"centre.{k}": (old_centre.get(k), v)
-            for k, v in recipe["centre"].items()
-            if old_centre.get(k) != v
-        }
-        logger.warning(
-            "%s was generated with another recipe; REGENERATING it. Differences (was, asked): %s",
-            json_path,
-            changed,
-        )
-    else:
+    old = _written_recipe(json_path)
+    if old == recipe:
+        logger.info("reusing the existing dataset %s", json_path)
+        return json_path
+    if old is None:
         logger.info(
             "no dataset at %s; generating %d cases of centre %s",
             dataset_dir,
             num_cases,
             recipe["centre"]["name"],
+        )
+    else:
+        logger.warning(
+            "%s was generated with another recipe; REGENERATING it. Differences (was, asked): %s",
+            json_path,
+            _recipe_changes(old, recipe),
         )
     return write_dataset(
         dataset_dir,
@@ -332,6 +345,37 @@ def ensure_dataset(
         splits=splits,
         negatives=negatives,
     )
+
+
+def _written_recipe(json_path: str) -> dict[str, Any] | None:
+    """The recipe stored in ``json_path`` (only the version for an old generator's); ``None`` if no file.
+
+    Raises:
+        ValueError: the file cannot be read as JSON or was not written by this generator.
+    """
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path) as handle:
+            existing = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{json_path} exists but cannot be read as JSON: {error}") from error
+    if "generator_version" not in existing:
+        raise ValueError(
+            f"{json_path} was not written by the synthetic generator (no 'generator_version'); refusing "
+            "to overwrite it. Pass it as dataset_dir, or choose another synthetic_dir."
+        )
+    return existing.get("synthetic_recipe", {"generator_version": existing["generator_version"]})
+
+
+def _recipe_changes(old: dict[str, Any], recipe: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old value, asked value)}`` for every recipe entry that differs, centre settings as ``centre.K``."""
+    changed = {k: (old.get(k), recipe[k]) for k in recipe if k != "centre" and old.get(k) != recipe[k]}
+    old_centre = old.get("centre") or {}
+    changed |= {
+        f"centre.{k}": (old_centre.get(k), v) for k, v in recipe["centre"].items() if old_centre.get(k) != v
+    }
+    return changed
 
 
 main = write_dataset
