@@ -390,7 +390,7 @@ def test_export_into_its_own_source_refused(tmp_path):
 
 
 def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch):
-    import scripts.synthetic
+    import scripts.data.synthetic
 
     asked = {}
 
@@ -398,7 +398,7 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
         asked.update(dataset_dir=dataset_dir, **kwargs)
         return str(dataset / "dataset.json")
 
-    monkeypatch.setattr(scripts.synthetic, "ensure_dataset", fake_ensure_dataset)
+    monkeypatch.setattr(scripts.data.synthetic, "ensure_dataset", fake_ensure_dataset)
     folder = export_nnunet(output_dir=str(tmp_path / "raw"), dataset_id=7)
     assert Path(asked.pop("dataset_dir")) == ROOT / "data" / "synthetic"
     assert asked == {"num_cases": 20, "seed": 0, "centre": "A", "splits": [16, 4, 0], "negatives": 2}

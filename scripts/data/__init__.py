@@ -1,6 +1,6 @@
 """Synthetic 3DRA data: vessel trees, aneurysms and look-alikes, 3DRA appearance, centres, previews.
 
-``generate_case(seed, centre)`` is the entry point; ``scripts.synthetic`` writes datasets from it.
+``generate_case(seed, centre)`` is the entry point; ``scripts.data.synthetic`` writes datasets from it.
 """
 
 from .appearance import render_intensity

@@ -31,7 +31,7 @@ def resolve_datalist(
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
         synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives: how to generate it (see
-            ``scripts.synthetic.ensure_dataset``; a dataset there made another way is regenerated).
+            ``scripts.data.synthetic.ensure_dataset``; a dataset there made another way is regenerated).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but has no datalist.
@@ -47,7 +47,7 @@ def resolve_datalist(
         return str(path)
     import ignite.distributed as idist
 
-    from scripts.synthetic import ensure_dataset
+    from scripts.data.synthetic import ensure_dataset
 
     # In distributed runs local rank 0 generates while the other ranks wait, then they find it written.
     with idist.one_rank_first(local=True):

@@ -22,8 +22,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.atomic_io import write_atomically
+from scripts.data.synthetic import ensure_dataset
 from scripts.networks import EncoderProvenance, count_parameters
-from scripts.synthetic import ensure_dataset
 
 from .plan import BUNDLE_ROOT, CONFIG_DIR, StudyPlan
 

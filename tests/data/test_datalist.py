@@ -17,7 +17,7 @@ def _resolve_on_rank(rank: int, shared: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{shared}/rendezvous", rank=rank, world_size=WORLD_SIZE
     )
-    import scripts.synthetic as synthetic
+    import scripts.data.synthetic as synthetic
     from scripts.data.datalist import resolve_datalist
 
     real = synthetic.write_dataset

@@ -15,7 +15,6 @@ import pytest
 from monai.data import load_decathlon_datalist
 from scipy import ndimage
 
-from scripts import synthetic
 from scripts.data import (
     CENTRES,
     DistanceField,
@@ -25,9 +24,10 @@ from scripts.data import (
     occupancy,
     phantom_affine,
     save_preview,
+    synthetic,
 )
+from scripts.data.synthetic import ensure_dataset, split_sizes, write_dataset
 from scripts.data.vessel_tree import MAX_RADIUS_MM
-from scripts.synthetic import ensure_dataset, split_sizes, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1, 2, 3, 4, 5]
@@ -320,7 +320,7 @@ def _mtimes(folder: Path) -> dict:
 def test_ensure_dataset_reuses_a_dataset_of_the_same_recipe(tmp_path, caplog):
     path = ensure_dataset(str(tmp_path), num_cases=3, seed=1)
     before = _mtimes(tmp_path)
-    with caplog.at_level("INFO", logger="scripts.synthetic"):
+    with caplog.at_level("INFO", logger="scripts.data.synthetic"):
         again = ensure_dataset(str(tmp_path), num_cases=3, seed=1)
     assert again == path
     assert _mtimes(tmp_path) == before
@@ -350,7 +350,7 @@ def test_ensure_dataset_regenerates_when_the_recipe_differs(tmp_path, caplog, mo
         monkeypatch.setattr(synthetic, "GENERATOR_VERSION", change["generator_version"])
     else:
         asked.update(change)
-    with caplog.at_level("WARNING", logger="scripts.synthetic"):
+    with caplog.at_level("WARNING", logger="scripts.data.synthetic"):
         again = ensure_dataset(str(tmp_path), **asked)
     assert again == path and "REGENERATING" in caplog.text
     written = json.loads(Path(path).read_text())
@@ -401,7 +401,7 @@ def test_ensure_dataset_unknown_centre(tmp_path):
 
 def test_command_line_writes_the_layout(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "scripts.synthetic", "--output_dir", str(out), "--num_cases", "3"]
+    cmd = [sys.executable, "-m", "scripts.data.synthetic", "--output_dir", str(out), "--num_cases", "3"]
     cmd += ["--seed", "2", "--centre", "A", "--previews", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ Every file is written under a temporary name in its own folder and moved into pl
 
 Command line::
 
-    python -m scripts.synthetic --output_dir data/synthetic_A --num_cases 16 --seed 0 --centre A --previews 4
+    python -m scripts.data.synthetic --output_dir data/synthetic_A --num_cases 16 --seed 0 --centre A --previews 4
 """
 
 from __future__ import annotations
@@ -30,17 +30,11 @@ import nibabel as nib
 import numpy as np
 
 from scripts.atomic_io import replace_atomically, write_atomically
-from scripts.data import (
-    GENERATOR_VERSION,
-    LABELS,
-    Centre,
-    Phantom,
-    generate_case,
-    get_centre,
-    phantom_affine,
-    save_preview,
-)
-from scripts.data.appearance import render_background_only
+
+from .appearance import render_background_only
+from .centres import Centre, get_centre
+from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine
+from .preview import save_preview
 
 __all__ = ["case_seed", "dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]
 
@@ -379,7 +373,7 @@ def _recipe_changes(old: dict[str, Any], recipe: dict[str, Any]) -> dict[str, tu
 
 
 main = write_dataset
-"""The command line: ``python -m scripts.synthetic --output_dir D [--num_cases N] [--splits "[0,0,20]"] ...``."""
+"""The command line: ``python -m scripts.data.synthetic --output_dir D [--num_cases N] [--splits "[0,0,20]"] ...``."""
 
 
 if __name__ == "__main__":
