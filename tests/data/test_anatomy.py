@@ -194,6 +194,21 @@ def test_anatomical_hard_negatives(geometries):
                 assert np.linalg.norm(a.dome_centre - n.centre) > a.reach + n.radius
 
 
+def test_drawn_look_alikes_keep_clear_of_each_other(geometries):
+    """Each drawn look-alike keeps 0.5 mm clear of every look-alike placed before it (loops come first)."""
+    drawn = {"infundibulum", "fusiform_bulge", "wall_bump"}
+    count = 0
+    for g in geometries:
+        for i, n in enumerate(g.hard_negatives):
+            if n.kind not in drawn:
+                continue
+            count += 1
+            for earlier in g.hard_negatives[:i]:
+                gap = np.linalg.norm(earlier.centre - n.centre) - earlier.radius - n.radius
+                assert gap > 0.5, f"seed {g.seed}: {n.kind} overlaps {earlier.kind} ({gap:.2f} mm)"
+    assert count >= len(geometries)
+
+
 def test_geometry_is_deterministic():
     a, b = generate_geometry(7), generate_geometry(7)
     assert a.info() == b.info()

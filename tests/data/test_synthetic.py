@@ -243,7 +243,10 @@ def test_small_custom_centre_works():
 
 def test_preview_png(cases, tmp_path):
     case = next(c for c in cases.values() if c.info["num_aneurysms"])
-    path = save_preview(case.image, case.label, case.spacing, tmp_path / "p.png", scale=2.0)
+    middle = tuple(n // 2 for n in case.image.shape)
+    path = save_preview(
+        case.image, case.label, case.spacing, tmp_path / "p.png", scale=2.0, markers=[(middle, 3.0)]
+    )
     from PIL import Image
 
     with Image.open(path) as png:
@@ -251,6 +254,7 @@ def test_preview_png(cases, tmp_path):
         assert png.width >= 3 * int(fov) and png.height >= 2 * int(fov)
         rgb = np.asarray(png.convert("RGB")).reshape(-1, 3)
     assert np.any((rgb[:, 0] > 200) & (rgb[:, 1] < 100)), "aneurysm overlay in red"
+    assert np.any(np.all(rgb == (255, 230, 0), axis=1)), "marker circled in yellow"
 
 
 # ------------------------------------------------------------------------------------------- datasets
