@@ -9,7 +9,7 @@ then segment with it (``configs/inference_ts.yaml``, stacked on ``configs/infere
 
 **What is in the file.** ``network_def`` of ``configs/inference.yaml`` (with ``overrides``), built with the
 encoder the checkpoint was trained with (its recorded ``dino_model``, see
-:func:`~scripts.networks.encoder_weights.recorded_encoder`), the checkpoint loaded strictly, in eval mode on
+:func:`~scripts.networks.checkpoint.recorded_encoder`), the checkpoint loaded strictly, in eval mode on
 the CPU, without an embedding cache, traced with ``torch.jit.trace`` on one ``(1, in_channels, *roi_size)``
 float32 window. The slice encoder is not a registered submodule (``SliceEncoder``), so its weights are baked
 into the trace as constants: the file needs neither the DINOv3 weights nor ``transformers``. It also
@@ -58,7 +58,7 @@ from torch import nn
 
 from scripts.atomic_io import replace_atomically
 from scripts.embedding_cache import attach_embedding_cache
-from scripts.networks.encoder_weights import EncoderMismatchError, recorded_encoder
+from scripts.networks.checkpoint import load_network_weights, recorded_encoder
 
 __all__ = ["EXPORT_ATOL", "EXPORT_RTOL", "ExportMismatchError", "WindowByWindow", "export_torchscript"]
 
@@ -252,16 +252,7 @@ def _network_config(
 
 def _load_network(parser: ConfigParser, ckpt: Path) -> nn.Module:
     """``network_def`` with the checkpoint's weights (strict), in eval mode on the CPU, without cache."""
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a resumable training checkpoint
-    try:
-        network.load_state_dict(state, strict=True)  # the encoder record is checked here too
-    except EncoderMismatchError:
-        raise
-    except RuntimeError as error:  # missing, unexpected or misshapen keys
-        raise ValueError(f"{ckpt} does not fit network_def: {error}") from error
+    network = load_network_weights(parser.get_parsed_content("network_def"), ckpt, "network_def")
     attach_embedding_cache(network, None)
     return network.to("cpu").eval().requires_grad_(False)
 

@@ -75,12 +75,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_n
 from monai.bundle.properties import BundleProperty, BundlePropertyConfig
 
 from scripts.atomic_io import replace_atomically
-from scripts.networks.encoder_weights import (
-    EncoderWeightsError,
-    looks_like_hub_id,
-    random_seed_of,
-    recorded_encoder,
-)
+from scripts.networks.checkpoint import load_network_weights, recorded_encoder
+from scripts.networks.encoder_weights import EncoderWeightsError, looks_like_hub_id, random_seed_of
 
 __all__ = [
     "BUNDLE_NAME",
@@ -298,9 +294,7 @@ def _check_network(
     parser.read_config(str(config))
     parser.update(dict(overrides))
     try:
-        network = parser.get_parsed_content("network_def")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        network.load_state_dict(state.get("model", state), strict=True)
+        load_network_weights(parser.get_parsed_content("network_def"), checkpoint, "network_def")
     except Exception as error:  # EncoderMismatchError, missing / unexpected keys, unreadable file
         raise ReleaseCheckError(
             f"{MODEL_FILE} does not load into the packaged {inference} (dino_model={dino_model!r}): {error}"

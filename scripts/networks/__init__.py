@@ -1,5 +1,6 @@
 """DINO-3DRA building blocks; configs use ``scripts.networks.Dino3DRA``."""
 
+from .checkpoint import load_network_weights, read_network_state, recorded_encoder
 from .dino_3dra import Dino3DRA, count_parameters
 from .dino_path import DinoPath
 from .encoder_weights import (
@@ -8,7 +9,6 @@ from .encoder_weights import (
     EncoderProvenance,
     EncoderWeightsError,
     load_encoder,
-    recorded_encoder,
 )
 from .fusion import AdditiveFusion, CalibratedFusion
 from .room_lite import RoomLite
@@ -27,5 +27,7 @@ __all__ = [
     "SliceEncoder",
     "count_parameters",
     "load_encoder",
+    "load_network_weights",
+    "read_network_state",
     "recorded_encoder",
 ]

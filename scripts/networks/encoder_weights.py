@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -357,6 +356,18 @@ def _folder_image_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, .
         raise EncoderWeightsError(f"{path}: cannot read image_mean/image_std ({error})") from error
 
 
+def read_state_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU: tensors and plain types only, never code.
+
+    Raises:
+        EncoderWeightsError: naming ``path``, when it cannot be read as such a file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or non-torch files
+        raise EncoderWeightsError(f"{path}: cannot read as a torch state dict ({error})") from error
+
+
 def _meta_dinov3(path: Path, overrides: dict[str, Any] | None) -> PreTrainedModel:
     """Build a ``DINOv3ViTModel`` from Meta's original state dict (``facebookresearch/dinov3`` layout).
 
@@ -364,10 +375,7 @@ def _meta_dinov3(path: Path, overrides: dict[str, Any] | None) -> PreTrainedMode
     refused rather than skipped, and so is a RoPE period buffer that the configured ``rope_theta`` and head
     width would not reproduce.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or non-torch files
-        raise EncoderWeightsError(f"{path}: cannot read as a torch state dict ({error})") from error
+    state = read_state_file(path)
     if not isinstance(state, dict) or "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise EncoderWeightsError(
             f"{path}: not a DINOv3 state dict in Meta's layout (expected keys 'cls_token', "
@@ -481,26 +489,3 @@ def _meta_to_hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
         # Meta: (1, hidden); transformers: (1, 1, hidden)
         converted["embeddings.mask_token"] = converted["embeddings.mask_token"].reshape(1, 1, -1)
     return converted, unknown
-
-
-def recorded_encoder(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    """The encoder record (:meth:`EncoderProvenance.record`) a network checkpoint was saved with.
-
-    Args:
-        checkpoint: a ``model.pt`` state dict, or a training checkpoint holding it under ``"model"``.
-
-    Returns:
-        the record (``source``, ``sha256``, ...), or ``None`` for a network without a slice encoder.
-
-    Raises:
-        EncoderWeightsError: the file cannot be read as a checkpoint.
-    """
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise EncoderWeightsError(f"Cannot read checkpoint {checkpoint}: {error}") from error
-    state = state.get("model", state) if isinstance(state, Mapping) else state
-    if not isinstance(state, Mapping):
-        raise EncoderWeightsError(f"{checkpoint} holds no state dict.")
-    records = [value for key, value in state.items() if key.endswith("encoder._extra_state")]
-    return dict(records[0]) if records else None

@@ -245,30 +245,3 @@ def test_slice_embedding_is_the_mean_of_patch_tokens(tiny_dinov3_dir):
         tokens = encoder.backbone(pixel_values=images).last_hidden_state
     assert tokens.shape[1] == 1 + 4 + (TINY_IMAGE_SIZE // 16) ** 2
     torch.testing.assert_close(encoder.encode_slices(slices), tokens[:, 5:].mean(dim=1))
-
-
-def test_recorded_encoder_reads_the_source_a_model_was_trained_with(tmp_path):
-    from scripts.networks import Dino3DRA, recorded_encoder
-
-    network = Dino3DRA(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=3,
-        channels=[8, 16, 32, 64],
-        dino_model="random:7",
-        dino_config=TINY_DINOV3,
-        dino_image_size=TINY_IMAGE_SIZE,
-        roi_size=[32, 32, 32],
-    )
-    torch.save(network.state_dict(), tmp_path / "model.pt")
-    torch.save({"model": network.state_dict(), "optimizer": {}}, tmp_path / "checkpoint.pt")
-    expected = network.slice_encoder.provenance.record()
-    assert recorded_encoder(tmp_path / "model.pt") == expected
-    assert recorded_encoder(tmp_path / "checkpoint.pt")["source"] == "random:7"
-
-    plain = Dino3DRA(spatial_dims=3, in_channels=1, out_channels=3, channels=[8, 16, 32, 64], use_dino=False)
-    torch.save(plain.state_dict(), tmp_path / "plain.pt")
-    assert recorded_encoder(tmp_path / "plain.pt") is None
-    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(EncoderWeightsError, match="broken.pt"):
-        recorded_encoder(tmp_path / "broken.pt")
