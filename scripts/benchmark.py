@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
-from scripts.embedding_cache import SliceEmbeddingCache, attach_embedding_cache
+from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.inferers import cpu_bf16_supported
 from scripts.networks import Dino3DRA
 
@@ -135,13 +135,14 @@ def _infer_volume(
     use_dino: bool, network_kwargs: dict[str, Any], size: int, overlap: float, sw_batch_size: int, device: str
 ) -> dict[str, float | None]:
     """Sliding-window inference of one volume; meant to run in a fresh process (see ``_in_fresh_process``)."""
-    net = _build(use_dino, network_kwargs, device).eval()
+    cache = SliceEmbeddingCache() if use_dino else None
+    net = _build(use_dino, {**network_kwargs, "embedding_cache": cache}, device).eval()
     roi = network_kwargs["roi_size"]
     volume = _synthetic_volume(1, size).to(device)
     with torch.no_grad():
-        net(torch.rand(sw_batch_size, 1, *roi, device=device))  # warm-up, before the cache exists
-        cache = SliceEmbeddingCache() if use_dino else None
-        attach_embedding_cache(net, cache)
+        net(torch.rand(sw_batch_size, 1, *roi, device=device))  # warm-up, on slices the volume does not have
+        if cache is not None:
+            cache.reset_stats()
         _sync(device)
         start = time.perf_counter()
         sliding_window_inference(volume, roi, sw_batch_size, net, overlap=overlap)
@@ -242,9 +243,9 @@ def main(
         f"\nTraining step: batch {batch_size}, {roi}^3 patches, forward + backward + AdamW, "
         f"median of {repeats} interleaved rounds after 1 warm-up"
     )
-    dino, warm_dino = _build(True, network_kwargs, device), _build(True, network_kwargs, device)
     cache = SliceEmbeddingCache()
-    attach_embedding_cache(warm_dino, cache)
+    dino = _build(True, network_kwargs, device)
+    warm_dino = _build(True, {**network_kwargs, "embedding_cache": cache}, device)
     with torch.no_grad():
         warm_dino.slice_encoder(image)  # pre-warm: these patches have been seen before
     cache.reset_stats()

@@ -7,6 +7,10 @@ an entry is a hash of exactly these: ``namespace`` (b, from :attr:`SliceEncoder.
 slice's float32 values and shape (a). A change of weights, encoder settings, image size, slice axis, crop,
 resampling or intensity scaling changes one of them, so a stale entry can never be returned; identical slice
 content is encoded once, whichever patch, window or epoch it comes from.
+
+A network is given its cache when it is built (``Dino3DRA(..., embedding_cache=SliceEmbeddingCache(...))``,
+as the configs' ``network_def`` does), and so is the handler that reports its hit rate
+(:class:`scripts.handlers.EmbeddingCacheStats`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from scripts.atomic_io import replace_atomically
 
@@ -48,6 +51,9 @@ class SliceEmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+    def __repr__(self) -> str:
+        return f"SliceEmbeddingCache(memory bound {self.max_bytes / 2**30:.1f} GiB, disk {self.cache_dir})"
 
     @property
     def hit_rate(self) -> float:
@@ -145,17 +151,3 @@ class SliceEmbeddingCache:
         # A reader (or a second process) never sees half an entry; no fsync: a lost entry is recomputed.
         array = embedding.numpy()
         replace_atomically(self._path(key), lambda tmp: np.save(tmp, array), suffix=".tmp.npy", durable=False)
-
-
-def attach_embedding_cache(network: nn.Module, cache: SliceEmbeddingCache | None) -> nn.Module:
-    """Give ``network``'s slice encoder (if it has one) the cache; returns ``network`` for config chaining."""
-    encoder = getattr(network, "slice_encoder", None)
-    if encoder is not None:
-        encoder.cache = cache
-        if cache is not None:
-            logger.info(
-                "Slice embeddings are cached (memory bound %.1f GiB, disk %s)",
-                cache.max_bytes / 2**30,
-                cache.cache_dir,
-            )
-    return network

@@ -43,6 +43,7 @@ plain U-Net).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -57,7 +58,6 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts.atomic_io import replace_atomically
-from scripts.embedding_cache import attach_embedding_cache
 from scripts.networks.checkpoint import load_network_weights, recorded_encoder
 
 __all__ = ["EXPORT_ATOL", "EXPORT_RTOL", "ExportMismatchError", "WindowByWindow", "export_torchscript"]
@@ -252,8 +252,9 @@ def _network_config(
 
 def _load_network(parser: ConfigParser, ckpt: Path) -> nn.Module:
     """``network_def`` with the checkpoint's weights (strict), in eval mode on the CPU, without cache."""
-    network = load_network_weights(parser.get_parsed_content("network_def"), ckpt, "network_def")
-    attach_embedding_cache(network, None)
+    uncached = ConfigParser(copy.deepcopy(parser.get()))  # the inference.json written is the config as given
+    uncached["embedding_cache"] = None  # a traced cache lookup would replay the embeddings of the trace
+    network = load_network_weights(uncached.get_parsed_content("network_def"), ckpt, "network_def")
     return network.to("cpu").eval().requires_grad_(False)
 
 

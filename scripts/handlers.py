@@ -19,6 +19,7 @@ from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImage
 
 from scripts.atomic_io import replace_atomically
+from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.evaluation_report import CaseAneurysms, write_case_aneurysms, write_evaluation
 from scripts.metrics import ANEURYSM_LABEL, DEFAULT_CLASSES, case_metrics
 from scripts.switches import check_switch
@@ -66,14 +67,13 @@ class EmbeddingCacheStats:
     training epoch (sharing the cache) is not counted as training, and vice versa.
 
     Args:
-        network: the network whose ``slice_encoder.cache`` is reported; nothing is logged without one.
-        name: what the log line calls the engine (e.g. ``"train"``).
+        cache: the cache the network was built with (``Dino3DRA(embedding_cache=...)``). Default None:
+            nothing is logged.
+        name: what the log line calls the engine. Default ``"train"``.
     """
 
-    def __init__(self, network: torch.nn.Module, name: str = "train") -> None:
-        encoder = getattr(getattr(network, "module", network), "slice_encoder", None)
-        self.cache = encoder.cache if encoder is not None else None
-        self.name = name
+    def __init__(self, cache: SliceEmbeddingCache | None = None, name: str = "train") -> None:
+        self.cache, self.name = cache, name
 
     def attach(self, engine: Engine) -> None:
         if self.cache is None:

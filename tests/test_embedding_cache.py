@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from scripts.data.crops import CacheAlignedRandCropByLabelClassesd, aligned_starts
-from scripts.embedding_cache import SliceEmbeddingCache, attach_embedding_cache
+from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.networks import Dino3DRA, SliceEncoder
 
 ROI = (32, 32, 32)
@@ -45,14 +45,21 @@ class CountingEncoder:
         return self.encoder.encode_slices(slices)
 
 
+def cached_twin(net: Dino3DRA, cache: SliceEmbeddingCache, **kwargs) -> Dino3DRA:
+    """``net`` built again with ``cache``, given ``net``'s weights: the cache is not in the state dict."""
+    twin = tiny_net(embedding_cache=cache, **kwargs)
+    twin.load_state_dict(net.state_dict(), strict=True)
+    assert twin.state_dict().keys() == net.state_dict().keys()
+    return twin
+
+
 def test_cached_and_uncached_logits_are_equal():
-    net = tiny_net()
+    net, cache = tiny_net(), SliceEmbeddingCache()
+    cached = cached_twin(net, cache)
     x = torch.rand(2, 1, *ROI)
     with torch.no_grad():
         plain = net(x)
-        attach_embedding_cache(net, SliceEmbeddingCache())
-        cold, warm = net(x), net(x)
-    cache = net.slice_encoder.cache
+        cold, warm = cached(x), cached(x)
     torch.testing.assert_close(cold, plain, rtol=0, atol=0)
     torch.testing.assert_close(warm, plain, rtol=0, atol=0)
     assert cache.stats["misses"] == 2 * ROI[2]
@@ -211,14 +218,12 @@ def test_disk_cache_survives_a_restart_and_ignores_corrupted_entries(tmp_path, c
 
 def test_sliding_window_inference_reuses_slices_across_overlapping_windows():
     net, cache = tiny_net(), SliceEmbeddingCache()
-    attach_embedding_cache(net, cache)
     volume = torch.rand(1, 1, 32, 32, 96)
     with torch.no_grad():
-        cached = sliding_window_inference(volume, ROI, 1, net, overlap=0.5)
+        cached = sliding_window_inference(volume, ROI, 1, cached_twin(net, cache), overlap=0.5)
     # 5 windows along the slice axis hold 32 slices each, but only 96 distinct slices exist.
     assert cache.stats["misses"] == 96 and cache.stats["memory_hits"] == 5 * 32 - 96
     with torch.no_grad():
-        attach_embedding_cache(net, None)
         uncached = sliding_window_inference(volume, ROI, 1, net, overlap=0.5)
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
 
@@ -250,10 +255,10 @@ def test_training_crops_are_aligned_balanced_and_hit_the_cache(slice_axis):
     allowed = [set(aligned_starts(shape[a], 64, 32).tolist()) for a in in_plane]
     assert all(w[0] in allowed[0] and w[1] in allowed[1] for w in windows)  # {0, 32} or {0, 16} per axis
 
+    cache = SliceEmbeddingCache()
     encoder = SliceEncoder(
-        "random", image_size=TINY_IMAGE_SIZE, slice_axis=slice_axis, dino_config=TINY_DINOV3
+        "random", image_size=TINY_IMAGE_SIZE, slice_axis=slice_axis, dino_config=TINY_DINOV3, cache=cache
     )
-    encoder.cache = cache = SliceEmbeddingCache()
     for sample in samples:
         encoder(sample["image"][None])
     # 24 crops x 64 slices, but at most 4 windows x (length of the slice axis) distinct slices

@@ -1,7 +1,8 @@
-"""Resume handlers on a tiny ignite engine: checkpoints that survive a kill, epochs that draw the same."""
+"""Handlers on a tiny ignite engine: checkpoints that survive a kill, epochs that draw the same, cache hit rates."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset
 from monai.transforms import Randomizable
 
-from scripts.handlers import ResumableCheckpoint, SeedEachEpoch
+from scripts.embedding_cache import SliceEmbeddingCache
+from scripts.handlers import EmbeddingCacheStats, ResumableCheckpoint, SeedEachEpoch
 
 
 def linear_trainer(save_dir: Path) -> tuple[Engine, torch.nn.Module]:
@@ -108,3 +110,29 @@ def test_an_epoch_draws_the_same_whether_or_not_the_run_was_resumed():
     straight, resumed = epoch_draws(1, 3), epoch_draws(3, 3)
     assert resumed[3] == straight[3]
     assert straight[2] != straight[3]  # still random from epoch to epoch
+
+
+def test_cache_stats_report_the_hit_rate_of_the_engine_they_are_given_the_cache_of(caplog):
+    cache = SliceEmbeddingCache()
+    slices = torch.arange(4.0).reshape(4, 1, 1).expand(4, 2, 2)  # 4 distinct slices, each looked up twice
+
+    def step(engine: Engine, batch: torch.Tensor) -> None:
+        cache.encode(slices, lambda s: s.flatten(1), "namespace")
+
+    engine = Engine(step)
+    EmbeddingCacheStats(cache, name="train").attach(engine)
+    cache.encode(slices[:1], lambda s: s.flatten(1), "namespace")  # outside the engine: not counted
+    with caplog.at_level(logging.INFO, logger="scripts.handlers"):
+        engine.run([0, 1], max_epochs=1)
+    # slice 0 was seen before the run; the first iteration encodes the other 3, the second hits all 4
+    assert engine.state.metrics["train_cache_hit_rate"] == pytest.approx(5 / 8)
+    assert (
+        "train epoch 1: slice-embedding cache hit rate 62.5% (5 memory, 0 disk hits, 3 slices" in caplog.text
+    )
+
+
+def test_cache_stats_without_a_cache_attach_nothing():
+    engine = Engine(lambda engine, batch: None)
+    EmbeddingCacheStats(None).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert "train_cache_hit_rate" not in engine.state.metrics

@@ -16,7 +16,7 @@ from scripts.switches import check_switch
 from .dino_path import DinoPath
 from .encoder_weights import DEFAULT_DINO_MODEL
 from .fusion import AdditiveFusion, CalibratedFusion
-from .slice_encoder import SliceEncoder
+from .slice_encoder import EmbeddingCache, SliceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Dino3DRA(nn.Module):
         dino_dtype: dtype the frozen encoder runs in, ``"float32"`` or ``"bfloat16"``. Default float32.
         deep_supervision: decoder levels below full resolution with their own heads, trained by deep
             supervision; 0 to ``len(channels) - 2``. Default 0.
+        embedding_cache: cache of the slice encoder's embeddings
+            (:class:`~scripts.embedding_cache.SliceEmbeddingCache`); unused without the DINO path, never in the
+            state dict. Default None: every slice is encoded.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Dino3DRA(nn.Module):
         local_files_only: bool | None = None,
         dino_dtype: str = "float32",
         deep_supervision: int = 0,
+        embedding_cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -142,6 +146,7 @@ class Dino3DRA(nn.Module):
                 dino_config,
                 local_files_only,
                 dino_dtype,
+                embedding_cache,
             )
             skips = channels[:NUM_DINO_SKIPS]
             self.dino = DinoPath(encoder, skips, roi_size[slice_axis], use_room_lite, dino_act, dino_groups)

@@ -48,6 +48,9 @@ class SliceEncoder(nn.Module):
         dtype: dtype the backbone runs in, ``"float32"`` or ``"bfloat16"`` (about 2x faster on CPUs with
             bf16 support; embeddings differ by ~0.5% relative). The provenance is of the weights as loaded; the
             dtype is part of :attr:`cache_namespace`.
+        cache: where embeddings already computed are looked up, by slice content and :attr:`cache_namespace`
+            (:class:`~scripts.embedding_cache.SliceEmbeddingCache`). It holds no weights and is not part of the
+            state dict. Default None: every slice is encoded.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SliceEncoder(nn.Module):
         dino_config: dict[str, Any] | None = None,
         local_files_only: bool | None = None,
         dtype: str = "float32",
+        cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
         if dtype not in ("float32", "bfloat16"):
@@ -85,7 +89,9 @@ class SliceEncoder(nn.Module):
         self.dtype = getattr(torch, dtype)
         self.register_buffer("image_mean", torch.tensor(loaded.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(loaded.image_std).view(1, 3, 1, 1), persistent=False)
-        self.cache: EmbeddingCache | None = None
+        self.cache = cache
+        if cache is not None:
+            logger.info("Slice embeddings are cached: %r", cache)
 
     @functools.cached_property
     def cache_namespace(self) -> str:

@@ -13,9 +13,13 @@ from scripts.networks import EncoderMismatchError, SliceEncoder
 from scripts.networks.encoder_weights import NOT_IDENTITY_FIELDS
 
 
-def tiny_encoder(dino_model: str = "random", slice_axis: int = 2, **config) -> SliceEncoder:
+def tiny_encoder(dino_model: str = "random", slice_axis: int = 2, cache=None, **config) -> SliceEncoder:
     return SliceEncoder(
-        dino_model, image_size=TINY_IMAGE_SIZE, slice_axis=slice_axis, dino_config={**TINY_DINOV3, **config}
+        dino_model,
+        image_size=TINY_IMAGE_SIZE,
+        slice_axis=slice_axis,
+        dino_config={**TINY_DINOV3, **config},
+        cache=cache,
     )
 
 
@@ -144,11 +148,12 @@ def test_a_distinctive_slice_lands_at_its_index(slice_axis):
 
 @pytest.mark.parametrize("slice_axis", [0, 1])
 def test_cached_embeddings_across_other_axes_equal_uncached(slice_axis):
-    encoder = tiny_encoder(slice_axis=slice_axis)
+    cache = SliceEmbeddingCache()
+    encoder, cached = tiny_encoder(slice_axis=slice_axis), tiny_encoder(slice_axis=slice_axis, cache=cache)
     x = torch.rand(2, 1, *SHAPE)
     plain = encoder(x)
-    encoder.cache = SliceEmbeddingCache()
-    cold, warm = encoder(x), encoder(x)
+    cold, warm = cached(x), cached(x)
     torch.testing.assert_close(cold, plain, rtol=0, atol=0)
     torch.testing.assert_close(warm, plain, rtol=0, atol=0)
-    assert encoder.cache.stats["misses"] == 2 * SHAPE[slice_axis] == encoder.cache.stats["memory_hits"]
+    assert cache.stats["misses"] == 2 * SHAPE[slice_axis] == cache.stats["memory_hits"]
+    assert cached.state_dict().keys() == encoder.state_dict().keys()  # the cache holds no weights
