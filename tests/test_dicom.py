@@ -103,7 +103,7 @@ def load(path: Path):
     """The image as ``configs/inference.yaml`` loads it: (1, X, Y, Z) MetaTensor."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
-    return parser.get_parsed_content("preprocessing#transforms#0")({"image": str(path)})["image"]
+    return parser.get_parsed_content("loading#0")({"image": str(path)})["image"]
 
 
 def test_a_series_folder_loads_with_each_voxel_on_its_dicom_world_point(tmp_path):
