@@ -225,10 +225,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     # model-zoo release and export (issue 13)
     Mutation(
         "export_loose_checkpoint",
-        "scripts/export_torchscript.py",
+        "scripts/networks/checkpoint.py",
         "network.load_state_dict(state, strict=True)",
         "network.load_state_dict(state, strict=False)",
-        ("tests/test_export_torchscript.py",),
+        ("tests/test_export_torchscript.py", "tests/networks/test_checkpoint.py"),
     ),
     Mutation(
         "export_whole_batch_at_once",
