@@ -338,7 +338,7 @@ def main(
 
 
 if __name__ == "__main__":
-    import logging
+    from scripts.cli import configure_logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     fire.Fire(main)

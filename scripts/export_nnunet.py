@@ -339,9 +339,9 @@ def export_nnunet(
 
 
 if __name__ == "__main__":
-    import logging.config
-
     import fire
 
-    logging.config.fileConfig(BUNDLE_ROOT / "configs" / "logging.conf", disable_existing_loggers=False)
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(export_nnunet, serialize=lambda path: None)  # the log names the folder

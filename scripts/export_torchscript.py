@@ -272,9 +272,9 @@ def _trace_window_by_window(
 
 
 if __name__ == "__main__":
-    import logging.config
-
     import fire
 
-    logging.config.fileConfig(BUNDLE_ROOT / "configs" / "logging.conf", disable_existing_loggers=False)
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(export_torchscript, serialize=lambda path: None)  # the log names the file

@@ -302,5 +302,7 @@ def predict_folder(
 if __name__ == "__main__":
     import fire
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire({"run": main, "predict": predict_folder})

@@ -560,11 +560,9 @@ def release(
 
 
 if __name__ == "__main__":
-    import logging.config
-
     import fire
 
-    logging.config.fileConfig(
-        Path(__file__).resolve().parents[1] / "configs" / "logging.conf", disable_existing_loggers=False
-    )
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(release, serialize=lambda path: None)  # the log names the files

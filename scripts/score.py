@@ -294,11 +294,9 @@ def score(
 
 
 if __name__ == "__main__":
-    import logging.config
-
     import fire
 
-    logging.config.fileConfig(
-        Path(__file__).resolve().parents[1] / "configs" / "logging.conf", disable_existing_loggers=False
-    )
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(score, serialize=lambda summary: None)  # the log holds the summary table

@@ -114,11 +114,9 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
 
 
 if __name__ == "__main__":
-    import logging.config
-
     import fire
 
-    logging.config.fileConfig(
-        Path(__file__).resolve().parents[1] / "configs" / "logging.conf", disable_existing_loggers=False
-    )
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(main)

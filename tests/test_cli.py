@@ -1,0 +1,120 @@
+"""Every command-line entry point logs through ``configs/logging.conf``, as the bundle's workflows do, from any
+working directory; and no library module configures logging behind its caller's back."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.cli import LOGGING_FILE, LOGGING_FILE_VARIABLE, configure_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+# logging.conf's fullFormatter, "%(asctime)s - %(name)s - %(levelname)s - %(message)s", on stdout
+CONF_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} - scripts\.probe - INFO - probe")
+# Runs an entry point as ``python -m`` does, with ``fire.Fire`` replaced by one log line: what the command
+# does is not tested here (each has its own tests), only how it logs.
+PROBE = """
+import logging, runpy, sys
+import fire
+fire.Fire = lambda *args, **kwargs: logging.getLogger("scripts.probe").info("probe")
+runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+"""
+# Owned by other engineers for now, each waiting for its one-line change to ``configure_logging()``: the first
+# logs in its own format; the second reads logging.conf itself (so it ignores DINO3DRA_LOGGING_FILE).
+PENDING = {"scripts.synthetic"}
+CONFIGURES_ITSELF = {"scripts/synthetic.py", "scripts/study/__main__.py"}
+
+
+def is_main_guard(node: ast.stmt) -> bool:
+    """Whether a module-level statement is ``if __name__ == "__main__":``."""
+    return isinstance(node, ast.If) and ast.unparse(node.test) in {
+        "__name__ == '__main__'",
+        "'__main__' == __name__",
+    }
+
+
+def entry_points() -> list[str]:
+    """Modules that run as commands (``if __name__ == "__main__":``; a package's ``__main__.py``), by name."""
+    found = set()
+    for path in SCRIPTS.rglob("*.py"):
+        module = path.relative_to(ROOT).with_suffix("")
+        if path.name == "__main__.py":
+            found.add(".".join(module.parent.parts))
+        elif any(is_main_guard(node) for node in ast.parse(path.read_text()).body):
+            found.add(".".join(module.parts))
+    return sorted(found)
+
+
+def test_every_known_command_is_found():
+    expected = {
+        "scripts.benchmark",
+        "scripts.export_nnunet",
+        "scripts.export_torchscript",
+        "scripts.nnunet_baseline",
+        "scripts.release",
+        "scripts.score",
+        "scripts.study",
+        "scripts.synthetic",
+        "scripts.tune_postprocessing",
+    }
+    assert expected <= set(entry_points())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="still configures logging itself"))
+        if m in PENDING
+        else m
+        for m in entry_points()
+    ],
+)
+def test_command_logs_in_logging_conf_format_from_any_directory(module, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(LOGGING_FILE_VARIABLE, None)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, module],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert CONF_LINE.fullmatch(result.stdout.strip()), result.stdout + result.stderr
+
+
+def test_another_logging_file_from_the_environment(tmp_path):
+    """``DINO3DRA_LOGGING_FILE`` swaps the file; a missing one is named, not a ``KeyError: 'formatters'``."""
+    other = tmp_path / "other.conf"
+    other.write_text(LOGGING_FILE.read_text().replace("format=%(asctime)s - ", "format=OTHER "))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), LOGGING_FILE_VARIABLE: str(other)}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, "scripts.score"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "OTHER scripts.probe - INFO - probe", result.stdout + result.stderr
+    with pytest.raises(FileNotFoundError, match="missing.conf"):
+        configure_logging(tmp_path / "missing.conf")
+
+
+def test_library_modules_leave_logging_to_the_entry_point():
+    """No ``basicConfig`` anywhere, and ``fileConfig`` only in ``scripts/cli.py``."""
+    offenders = []
+    for path in sorted(SCRIPTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            configures = isinstance(node, ast.Attribute) and node.attr in {
+                "basicConfig",
+                "fileConfig",
+                "dictConfig",
+            }
+            if configures and not (path.name == "cli.py" and node.attr == "fileConfig"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.attr}")
+    assert [o for o in offenders if o.split(":")[0] not in CONFIGURES_ITSELF] == []
