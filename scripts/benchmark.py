@@ -63,6 +63,7 @@ GIB = 2**30
 GOAL_TRAIN_RATIO = 1.3  # warm-cache training step / plain U-Net step
 GOAL_INFER_RATIO = 2.0  # 256^3 inference time / plain U-Net time
 GOAL_PEAK_GIB = 8.0  # 256^3 inference peak memory
+DINO_INFER = "DINO-3DRA, cold cache"  # its inference row
 
 
 def _parse_sizes(sizes: str | int | Sequence[int]) -> list[int]:
@@ -236,7 +237,23 @@ def main(
     )
     if dino_model.startswith("random"):
         print("Random encoder weights: timing does not depend on the weights (the warning is expected).")
+    train, dino = _benchmark_training(network_kwargs, batch_size, repeats, device)
+    slices_per_second = _benchmark_encoder(dino, network_kwargs, repeats, device)
+    largest = 256 if 256 in volume_sizes else max(volume_sizes)
+    infer = peak = math.nan
+    if not skip_inference:
+        infer, peak = _benchmark_inference(
+            volume_sizes, largest, network_kwargs, overlap, sw_batch_size, slices_per_second, threads, device
+        )
+    _print_goals(train, infer, peak, largest)
 
+
+def _benchmark_training(
+    network_kwargs: dict[str, Any], batch_size: int, repeats: int, device: str
+) -> tuple[dict[str, float], Dino3DRA]:
+    """Print the training-step table; return the median seconds per step by row name, and the no-cache network
+    (whose encoder :func:`_benchmark_encoder` times)."""
+    roi = network_kwargs["roi_size"][0]
     image = _synthetic_volume(batch_size, roi).to(device)
     label = torch.randint(0, 3, image.shape, generator=torch.Generator().manual_seed(1)).to(device)
     print(
@@ -267,59 +284,85 @@ def main(
     if not bf16:
         print("  (no bf16 autocast rows: this CPU has no native bf16, so the configs train in float32)")
     print(f"  (warm cache: {cache.hit_rate:.0%} of the slice lookups were hits)")
-    nocache = train["DINO-3DRA, no cache"] / train["plain U-Net"]
-    warm = train["DINO-3DRA, warm cache"] / train["plain U-Net"]
+    return train, dino
 
+
+def _benchmark_encoder(dino: Dino3DRA, network_kwargs: dict[str, Any], repeats: int, device: str) -> float:
+    """Print and return the slices per second of ``dino``'s frozen encoder alone (64 slices of ROI side)."""
+    roi = network_kwargs["roi_size"][0]
     slices = torch.rand(64, roi, roi, generator=torch.Generator().manual_seed(2)).to(device)
     encode = {"encoder": lambda: dino.slice_encoder.encode_slices(slices)}
     seconds = _interleaved_median_seconds(encode, repeats, device)["encoder"]
     slices_per_second = len(slices) / seconds
     print(
-        f"\nSlice encoder alone: {slices_per_second:.1f} slices/s "
-        f"({len(slices)} slices of {roi}x{roi} -> {dino_image_size}^2, median of {repeats} after 1 warm-up)"
+        f"\nSlice encoder alone: {slices_per_second:.1f} slices/s ({len(slices)} slices of {roi}x{roi} -> "
+        f"{network_kwargs['dino_image_size']}^2, median of {repeats} after 1 warm-up)"
     )
+    return slices_per_second
 
+
+def _benchmark_inference(
+    volume_sizes: list[int],
+    largest: int,
+    network_kwargs: dict[str, Any],
+    overlap: float,
+    sw_batch_size: int,
+    slices_per_second: float,
+    threads: int | None,
+    device: str,
+) -> tuple[float, float]:
+    """Print the inference table, each (network, size) run in a fresh process; return DINO-3DRA's time ratio
+    to the plain U-Net and its peak memory in GiB (CUDA's on CUDA, else the process's RSS) on the ``largest``
+    volume."""
+    roi = network_kwargs["roi_size"][0]
+    print(
+        f"\nInference: sliding window {roi}^3, overlap {overlap}, sw_batch_size {sw_batch_size}, "
+        "no_grad, one volume, each in a fresh process; peak RSS is the whole process's"
+    )
     infer = peak = math.nan
-    largest = 256 if 256 in volume_sizes else max(volume_sizes)
-    if not skip_inference:
-        print(
-            f"\nInference: sliding window {roi}^3, overlap {overlap}, sw_batch_size {sw_batch_size}, "
-            "no_grad, one volume, each in a fresh process; peak RSS is the whole process's"
-        )
-        for size in volume_sizes:
-            runs = {
-                name: _in_fresh_process(
-                    threads,
-                    use_dino=use_dino,
-                    network_kwargs=network_kwargs,
-                    size=size,
-                    overlap=overlap,
-                    sw_batch_size=sw_batch_size,
-                    device=device,
-                )
-                for name, use_dino in (("plain U-Net", False), ("DINO-3DRA, cold cache", True))
-            }
-            ratio = runs["DINO-3DRA, cold cache"]["seconds"] / runs["plain U-Net"]["seconds"]
-            for name, run in runs.items():
-                line = (
-                    f"  {size}^3  {name:<22} {run['seconds']:8.2f} s  "
-                    f"{run['seconds'] / runs['plain U-Net']['seconds']:5.2f}x plain  "
-                    f"peak RSS {run['peak_rss_gib']:6.2f} GiB"
-                )
-                if run["cuda_peak_gib"] is not None:
-                    line += f"  CUDA peak {run['cuda_peak_gib']:6.2f} GiB"
-                if run["hit_rate"] is not None:
-                    line += (
-                        f"  slice cache hits {run['hit_rate']:.0%}, {run['encoded']} slices encoded "
-                        f"(~{run['encoded'] / slices_per_second:.0f} s at the encoder's rate)"
-                    )
-                print(line)
-            if size == largest:
-                dino_run = runs["DINO-3DRA, cold cache"]
-                infer = ratio
-                cuda_peak = dino_run["cuda_peak_gib"]
-                peak = cuda_peak if cuda_peak is not None else dino_run["peak_rss_gib"]
+    for size in volume_sizes:
+        runs = {
+            name: _in_fresh_process(
+                threads,
+                use_dino=use_dino,
+                network_kwargs=network_kwargs,
+                size=size,
+                overlap=overlap,
+                sw_batch_size=sw_batch_size,
+                device=device,
+            )
+            for name, use_dino in (("plain U-Net", False), (DINO_INFER, True))
+        }
+        _print_inference(size, runs, slices_per_second)
+        if size == largest:
+            infer = runs[DINO_INFER]["seconds"] / runs["plain U-Net"]["seconds"]
+            cuda_peak = runs[DINO_INFER]["cuda_peak_gib"]
+            peak = cuda_peak if cuda_peak is not None else runs[DINO_INFER]["peak_rss_gib"]
+    return infer, peak
 
+
+def _print_inference(size: int, runs: dict[str, dict[str, float | None]], slices_per_second: float) -> None:
+    """One line per network for the ``size``^3 volume: time, ratio to the plain U-Net, peak memory, cache."""
+    for name, run in runs.items():
+        line = (
+            f"  {size}^3  {name:<22} {run['seconds']:8.2f} s  "
+            f"{run['seconds'] / runs['plain U-Net']['seconds']:5.2f}x plain  "
+            f"peak RSS {run['peak_rss_gib']:6.2f} GiB"
+        )
+        if run["cuda_peak_gib"] is not None:
+            line += f"  CUDA peak {run['cuda_peak_gib']:6.2f} GiB"
+        if run["hit_rate"] is not None:
+            line += (
+                f"  slice cache hits {run['hit_rate']:.0%}, {run['encoded']} slices encoded "
+                f"(~{run['encoded'] / slices_per_second:.0f} s at the encoder's rate)"
+            )
+        print(line)
+
+
+def _print_goals(train: dict[str, float], infer: float, peak: float, largest: int) -> None:
+    """The goals met or not, then the machine-readable last line (see the module docstring)."""
+    nocache = train["DINO-3DRA, no cache"] / train["plain U-Net"]
+    warm = train["DINO-3DRA, warm cache"] / train["plain U-Net"]
     print("\nGoals:")
     goals = {
         f"warm-cache training step <= {GOAL_TRAIN_RATIO}x plain": (warm, warm <= GOAL_TRAIN_RATIO, "x"),
