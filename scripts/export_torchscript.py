@@ -152,16 +152,7 @@ def export_torchscript(
         ExportMismatchError: the exported network computes other logits than the eager one.
     """
     root = Path(bundle_root)
-    ckpt = Path(ckpt_file) if ckpt_file is not None else root / "models" / "model.pt"
-    target = Path(filepath) if filepath is not None else root / "models" / "model.ts"
-    config = Path(config_file) if config_file is not None else root / "configs" / "inference.yaml"
-    meta_file = root / "configs" / "metadata.json"
-    if not ckpt.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint {ckpt} not found: pass ckpt_file (training writes models/model.pt)."
-        )
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} not found: is {root} the bundle root?")
+    ckpt, target, config, meta_file = _resolve_files(root, ckpt_file, filepath, config_file)
     record = recorded_encoder(ckpt)
 
     parser = _network_config(config, root, record, dino_model, overrides or {}, ckpt)
@@ -174,43 +165,12 @@ def export_torchscript(
     windows = torch.rand((CHECK_WINDOWS, in_channels, *roi_size), generator=generator)
     with torch.no_grad():
         expected = network(windows)
-    extra_files = {
-        "metadata.json": json.dumps(json.loads(meta_file.read_text())),
-        # the releasing machine's folder means nothing where the file is used: the bundle root is "."
-        "inference.json": json.dumps(
-            {**{k: v for k, v in parser.get().items() if k != parser.meta_key}, "bundle_root": "."},
-            default=str,
-        ),
-        "encoder.json": json.dumps(record),
-    }
-
-    def save_and_check(tmp: str) -> None:
-        # saved through a buffer: torch.jit.save names the archive's top folder after a file's name, which
-        # would put the random temporary name into the file and make two exports of one model differ
-        buffer = io.BytesIO()
-        torch.jit.save(exported, buffer, _extra_files=extra_files)
-        Path(tmp).write_bytes(buffer.getvalue())
-        with torch.no_grad():
-            actual = torch.jit.load(tmp, map_location="cpu")(windows)
-        if actual.shape != expected.shape:
-            raise ExportMismatchError(
-                f"The exported network returns logits of shape {tuple(actual.shape)}, the eager one "
-                f"{tuple(expected.shape)}: {target} not written."
-            )
-        difference = (actual - expected).abs().max().item()
-        if not torch.allclose(actual, expected, rtol=EXPORT_RTOL, atol=EXPORT_ATOL):
-            raise ExportMismatchError(
-                f"The exported network's logits differ from the eager network's by up to {difference:.3g} "
-                f"(tolerance rtol {EXPORT_RTOL}, atol {EXPORT_ATOL}): {target} not written."
-            )
-        logger.info(
-            "exported vs eager on %d random windows: max abs difference %.3g (logits up to %.3g)",
-            CHECK_WINDOWS,
-            difference,
-            expected.abs().max().item(),
-        )
-
-    replace_atomically(target, save_and_check, suffix=".ts")
+    extra_files = _extra_files(meta_file, parser, record)
+    replace_atomically(
+        target,
+        lambda tmp: _save_and_check(exported, extra_files, windows, expected, tmp, target),
+        suffix=".ts",
+    )
     logger.info(
         "wrote %s (%.1f MiB): %s from %s, encoder %s, windows of %s; run it with configs/inference_ts.yaml",
         target,
@@ -221,6 +181,76 @@ def export_torchscript(
         roi_size,
     )
     return target
+
+
+def _resolve_files(
+    root: Path,
+    ckpt_file: str | os.PathLike | None,
+    filepath: str | os.PathLike | None,
+    config_file: str | os.PathLike | None,
+) -> tuple[Path, Path, Path, Path]:
+    """The checkpoint, target, config and metadata files, defaults filled in from ``root``; the checkpoint and
+    the metadata must exist (``FileNotFoundError`` naming them)."""
+    ckpt = Path(ckpt_file) if ckpt_file is not None else root / "models" / "model.pt"
+    target = Path(filepath) if filepath is not None else root / "models" / "model.ts"
+    config = Path(config_file) if config_file is not None else root / "configs" / "inference.yaml"
+    meta_file = root / "configs" / "metadata.json"
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {ckpt} not found: pass ckpt_file (training writes models/model.pt)."
+        )
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: is {root} the bundle root?")
+    return ckpt, target, config, meta_file
+
+
+def _extra_files(meta_file: Path, parser: ConfigParser, record: dict[str, Any] | None) -> dict[str, str]:
+    """The files the TorchScript archive carries: the metadata, the resolved config, the encoder record."""
+    return {
+        "metadata.json": json.dumps(json.loads(meta_file.read_text())),
+        # the releasing machine's folder means nothing where the file is used: the bundle root is "."
+        "inference.json": json.dumps(
+            {**{k: v for k, v in parser.get().items() if k != parser.meta_key}, "bundle_root": "."},
+            default=str,
+        ),
+        "encoder.json": json.dumps(record),
+    }
+
+
+def _save_and_check(
+    exported: torch.jit.ScriptModule,
+    extra_files: dict[str, str],
+    windows: torch.Tensor,
+    expected: torch.Tensor,
+    tmp: str,
+    target: Path,
+) -> None:
+    """Save ``exported`` to ``tmp``, load it back and check that it gives the eager network's logits on
+    ``windows`` (``expected``), else ``ExportMismatchError`` (``target`` is not written)."""
+    # saved through a buffer: torch.jit.save names the archive's top folder after a file's name, which
+    # would put the random temporary name into the file and make two exports of one model differ
+    buffer = io.BytesIO()
+    torch.jit.save(exported, buffer, _extra_files=extra_files)
+    Path(tmp).write_bytes(buffer.getvalue())
+    with torch.no_grad():
+        actual = torch.jit.load(tmp, map_location="cpu")(windows)
+    if actual.shape != expected.shape:
+        raise ExportMismatchError(
+            f"The exported network returns logits of shape {tuple(actual.shape)}, the eager one "
+            f"{tuple(expected.shape)}: {target} not written."
+        )
+    difference = (actual - expected).abs().max().item()
+    if not torch.allclose(actual, expected, rtol=EXPORT_RTOL, atol=EXPORT_ATOL):
+        raise ExportMismatchError(
+            f"The exported network's logits differ from the eager network's by up to {difference:.3g} "
+            f"(tolerance rtol {EXPORT_RTOL}, atol {EXPORT_ATOL}): {target} not written."
+        )
+    logger.info(
+        "exported vs eager on %d random windows: max abs difference %.3g (logits up to %.3g)",
+        CHECK_WINDOWS,
+        difference,
+        expected.abs().max().item(),
+    )
 
 
 def _network_config(
