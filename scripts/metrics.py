@@ -417,21 +417,41 @@ def case_metrics(
 
     record: dict[str, Any] = {}
     for value, name in classes.items():
-        n_true, n_pred, tp = int(conf[value, :].sum()), int(conf[:, value].sum()), int(conf[value, value])
-        pred_mask = pred_arr == value
-        true_mask = label_arr == value
-        metrics = _class_metrics_from_counts(pred_mask, true_mask, tp, n_pred, n_true, spacing3, penalty)
-        for key in (*METRICS, "status"):
-            record[f"{name}_{key}"] = metrics[key]
-        record[f"{name}_true_voxels"] = n_true
-        record[f"{name}_pred_voxels"] = n_pred
-        if value == ANEURYSM_LABEL:
-            for key, count in detection_counts(pred_mask, true_mask, spacing3).items():
-                record[f"{name}_{key}"] = count
+        class_record = _class_record(pred_arr == value, label_arr == value, conf, value, spacing3, penalty)
+        record.update({f"{name}_{key}": item for key, item in class_record.items()})
     if ANEURYSM_LABEL in classes:
         record["failure"] = bool(record[f"{classes[ANEURYSM_LABEL]}_dice"] < FAILURE_DICE_THRESHOLD)
     record["penalty_mm"] = penalty
     logger.debug("case metrics: %s", record)
+    return record
+
+
+def _class_record(
+    pred_mask: np.ndarray,
+    true_mask: np.ndarray,
+    conf: np.ndarray,
+    value: int,
+    spacing: tuple[float, float, float],
+    penalty: float,
+) -> dict[str, Any]:
+    """One class's part of :func:`case_metrics`'s record, keys without the class name: the metrics, status
+    and voxel counts, and for :data:`ANEURYSM_LABEL` the detection counts.
+
+    Args:
+        pred_mask: (D, H, W) bool, the predicted voxels of the class.
+        true_mask: (D, H, W) bool, its true voxels.
+        conf: (K, K) joint voxel counts ``conf[true, pred]`` from :func:`_confusion`.
+        value: the class's label value.
+        spacing: voxel spacing in mm along (D, H, W).
+        penalty: HD95 and ASSD (mm) of a missed or spurious structure.
+    """
+    n_true, n_pred, tp = int(conf[value, :].sum()), int(conf[:, value].sum()), int(conf[value, value])
+    metrics = _class_metrics_from_counts(pred_mask, true_mask, tp, n_pred, n_true, spacing, penalty)
+    record = {key: metrics[key] for key in (*METRICS, "status")}
+    record["true_voxels"] = n_true
+    record["pred_voxels"] = n_pred
+    if value == ANEURYSM_LABEL:
+        record.update(detection_counts(pred_mask, true_mask, spacing))
     return record
 
 
@@ -516,6 +536,21 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ValueError: on an empty list, a missing key, a NaN or infinite value (naming the case), an
             unknown status, or records with different classes.
     """
+    names = _class_names(records)
+    classes = {name: _class_summary(records, name) for name in names}
+    failure = _failure_summary(records)
+    detection = _detection_summary(records, names)
+    return {
+        "n_cases": len(records),
+        "penalty_mm": _penalty(records),
+        "classes": classes,
+        "failure": failure,
+        "detection": detection,
+    }
+
+
+def _class_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The class names of the records (``<class>_status`` keys), which must be the same in every record."""
     if len(records) == 0:
         raise ValueError("summarize needs at least one record, got an empty list")
     names = _prefixes(records[0], "_status")
@@ -529,56 +564,64 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 f"{_case_name(record, index)} has classes {_prefixes(record, '_status')}, "
                 f"the first record has {names}"
             )
+    return names
+
+
+def _class_summary(records: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """``summarize(records)["classes"][name]``: mean, std and n of each metric, and the cases per status."""
     n = len(records)
+    entry: dict[str, Any] = {}
+    for metric in METRICS:
+        values = np.array([_as_finite_float(r, f"{name}_{metric}", i) for i, r in enumerate(records)])
+        entry[metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)), "n": n}
+    statuses = [str(_get(r, f"{name}_status", i)) for i, r in enumerate(records)]
+    for index, status in enumerate(statuses):
+        if status not in STATUSES:
+            case = _case_name(records[index], index)
+            raise ValueError(f"{case}: {name}_status = {status!r}, expected one of {STATUSES}")
+    entry["n"] = n
+    entry.update({status: statuses.count(status) for status in STATUSES})
+    return entry
 
-    classes: dict[str, Any] = {}
-    for name in names:
-        entry: dict[str, Any] = {}
-        for metric in METRICS:
-            values = np.array([_as_finite_float(r, f"{name}_{metric}", i) for i, r in enumerate(records)])
-            entry[metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)), "n": n}
-        statuses = [str(_get(r, f"{name}_status", i)) for i, r in enumerate(records)]
-        for index, status in enumerate(statuses):
-            if status not in STATUSES:
-                case = _case_name(records[index], index)
-                raise ValueError(f"{case}: {name}_status = {status!r}, expected one of {STATUSES}")
-        entry["n"] = n
-        entry.update({status: statuses.count(status) for status in STATUSES})
-        classes[name] = entry
 
-    failure = None
-    if any("failure" in r for r in records):  # then every record must carry it
-        failed = sum(_as_bool(r, "failure", i) for i, r in enumerate(records))
-        failure = {"k": failed, "n": n, "rate": failed / n, "threshold": FAILURE_DICE_THRESHOLD}
+def _failure_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``summarize(records)["failure"]``: k failed cases of n, or None when no record carries ``failure``."""
+    if not any("failure" in r for r in records):
+        return None
+    # then every record must carry it
+    failed = sum(_as_bool(r, "failure", i) for i, r in enumerate(records))
+    n = len(records)
+    return {"k": failed, "n": n, "rate": failed / n, "threshold": FAILURE_DICE_THRESHOLD}
 
-    detection = None
+
+def _detection_summary(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any] | None:
+    """``summarize(records)["detection"]``, for the first of ``names`` with detection counts; None when none
+    has them."""
     detection_names = [name for name in _prefixes(records[0], "_true_components") if name in names]
-    if detection_names:
-        name = detection_names[0]
-        true_total = sum(_as_count(r, f"{name}_true_components", i) for i, r in enumerate(records))
-        hits = sum(_as_count(r, f"{name}_hits", i) for i, r in enumerate(records))
-        false_positives = sum(_as_count(r, f"{name}_false_positives", i) for i, r in enumerate(records))
-        detection = {
-            "class": name,
-            "true_components": true_total,
-            "hits": hits,
-            "false_positives": false_positives,
-            "n": n,
-            "sensitivity": hits / true_total if true_total else None,
-            "false_positives_per_case": false_positives / n,
-            "by_size": _detection_by_size(records, name),
-        }
+    if not detection_names:
+        return None
+    name, n = detection_names[0], len(records)
+    true_total = sum(_as_count(r, f"{name}_true_components", i) for i, r in enumerate(records))
+    hits = sum(_as_count(r, f"{name}_hits", i) for i, r in enumerate(records))
+    false_positives = sum(_as_count(r, f"{name}_false_positives", i) for i, r in enumerate(records))
+    return {
+        "class": name,
+        "true_components": true_total,
+        "hits": hits,
+        "false_positives": false_positives,
+        "n": n,
+        "sensitivity": hits / true_total if true_total else None,
+        "false_positives_per_case": false_positives / n,
+        "by_size": _detection_by_size(records, name),
+    }
 
+
+def _penalty(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The one ``penalty_mm`` the records were scored with, or None when they do not say."""
     penalties = {_as_finite_float(r, "penalty_mm", i) for i, r in enumerate(records) if "penalty_mm" in r}
     if len(penalties) > 1:
         raise ValueError(f"records were scored with different penalties {sorted(penalties)} mm")
-    return {
-        "n_cases": n,
-        "penalty_mm": penalties.pop() if penalties else None,
-        "classes": classes,
-        "failure": failure,
-        "detection": detection,
-    }
+    return penalties.pop() if penalties else None
 
 
 def _detection_by_size(records: Sequence[Mapping[str, Any]], name: str) -> dict[str, Any] | None:
