@@ -257,6 +257,36 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old)
 
 
+def _write_raw_dataset(
+    folder: Path, cases: list[ExportCase], name: str, channel_name: str, datalist: str
+) -> dict[str, Any]:
+    """Write the cases, ``dataset.json`` and ``splits_final.json`` into ``folder``; return the dataset.json."""
+    for split_folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / split_folder).mkdir()
+    for index, case in enumerate(cases, 1):
+        write_case(case, folder)
+        logger.info("%d/%d %s (%s) <- %s", index, len(cases), case.case_id, case.split, case.image)
+    dataset_json = _dataset_json(cases, name, channel_name, datalist)
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
+    (folder / "splits_final.json").write_text(json.dumps(_splits_final(cases), indent=2) + "\n")
+    return dataset_json
+
+
+def _log_next_steps(dest: Path, dataset_json: dict[str, Any], dataset_id: int) -> None:
+    """Log what was written and where ``splits_final.json`` must go for nnU-Net to keep our split."""
+    logger.info(
+        "wrote %s: %d training + validation cases (imagesTr), %d test cases (imagesTs). To keep our split, "
+        "%s must be in $nnUNet_preprocessed/%s/ (nnUNetv2_plan_and_preprocess -d %d copies it in recent "
+        "releases; otherwise copy it there after planning), then train fold 0.",
+        dest,
+        dataset_json["numTraining"],
+        dataset_json["numTest"],
+        dest / "splits_final.json",
+        dest.name,
+        dataset_id,
+    )
+
+
 def export_nnunet(
     output_dir: str,
     dataset_id: int,
@@ -312,29 +342,12 @@ def export_nnunet(
     output.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{dest.name}.tmp-"))
     try:
-        for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            (tmp / folder).mkdir()
-        for index, case in enumerate(cases, 1):
-            write_case(case, tmp)
-            logger.info("%d/%d %s (%s) <- %s", index, len(cases), case.case_id, case.split, case.image)
-        dataset_json = _dataset_json(cases, name, channel_name, datalist)
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
-        (tmp / "splits_final.json").write_text(json.dumps(_splits_final(cases), indent=2) + "\n")
+        dataset_json = _write_raw_dataset(tmp, cases, name, channel_name, datalist)
         _move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info(
-        "wrote %s: %d training + validation cases (imagesTr), %d test cases (imagesTs). To keep our split, "
-        "%s must be in $nnUNet_preprocessed/%s/ (nnUNetv2_plan_and_preprocess -d %d copies it in recent "
-        "releases; otherwise copy it there after planning), then train fold 0.",
-        dest,
-        dataset_json["numTraining"],
-        dataset_json["numTest"],
-        dest / "splits_final.json",
-        dest.name,
-        dataset_id,
-    )
+    _log_next_steps(dest, dataset_json, dataset_id)
     return str(dest)
 
 
