@@ -184,6 +184,37 @@ def link_test_cases(datalist: str, images: Path, labels: Path) -> None:
                 target.symlink_to(Path(source).resolve())
 
 
+def _prepare(folders: dict[str, Path], train_dataset_dir: str | None, dataset_id: int) -> None:
+    """Export the training dataset into ``nnUNet_raw``, plan and preprocess it, and put our split where
+    nnU-Net's training reads it."""
+    from scripts.export_nnunet import export_nnunet
+
+    exported = export_nnunet(
+        dataset_dir=train_dataset_dir,
+        output_dir=str(folders["nnUNet_raw"]),
+        dataset_id=dataset_id,
+        overwrite=True,
+    )
+    plan_and_preprocess(dataset_id)
+    preprocessed = folders["nnUNet_preprocessed"] / Path(exported).name
+    shutil.copy(Path(exported) / "splits_final.json", preprocessed / "splits_final.json")
+
+
+def _predict_and_score(
+    model: Path, work: Path, name: str, datalist: str, use_mirroring: bool
+) -> dict[str, Any]:
+    """Predict the ``test`` cases of ``datalist`` with the trained ``model`` and score them into
+    ``work/eval_<name>``; return the prediction seconds and the score summary."""
+    from scripts.score import score
+
+    inputs, truth, predictions = (work / f"{kind}_{name}" for kind in ("inputs", "truth", "predictions"))
+    link_test_cases(datalist, inputs, truth)
+    seconds = predict(model, inputs, predictions, use_mirroring)
+    result = score(truth_dir=str(truth), pred_dir=str(predictions), output_dir=str(work / f"eval_{name}"))
+    logger.info("nnU-Net on %s: predicted in %.0f s, scored into %s", name, seconds, work / f"eval_{name}")
+    return {"prediction_s": seconds, "summary": result}
+
+
 def run_nnunet(
     work_dir: str | Path,
     train_dataset_dir: str | None,
@@ -212,19 +243,8 @@ def run_nnunet(
     require_nnunet()
     work = Path(work_dir).resolve()
     folders = set_nnunet_paths(work)
-    from scripts.export_nnunet import export_nnunet
-    from scripts.score import score
-
     start = time.perf_counter()
-    exported = export_nnunet(
-        dataset_dir=train_dataset_dir,
-        output_dir=str(folders["nnUNet_raw"]),
-        dataset_id=dataset_id,
-        overwrite=True,
-    )
-    plan_and_preprocess(dataset_id)
-    preprocessed = folders["nnUNet_preprocessed"] / Path(exported).name
-    shutil.copy(Path(exported) / "splits_final.json", preprocessed / "splits_final.json")
+    _prepare(folders, train_dataset_dir, dataset_id)
     prepared_s = time.perf_counter() - start
     training = train_for(dataset_id, budget_minutes * 60 - prepared_s, iterations_per_epoch)
     summary: dict[str, Any] = {
@@ -236,14 +256,7 @@ def run_nnunet(
     }
     model = trained_model_dir(folders["nnUNet_results"], dataset_id)
     for name, datalist in test_datalists.items():
-        inputs, truth, predictions = (work / f"{kind}_{name}" for kind in ("inputs", "truth", "predictions"))
-        link_test_cases(datalist, inputs, truth)
-        seconds = predict(model, inputs, predictions, use_mirroring)
-        result = score(truth_dir=str(truth), pred_dir=str(predictions), output_dir=str(work / f"eval_{name}"))
-        summary["test"][name] = {"prediction_s": seconds, "summary": result}
-        logger.info(
-            "nnU-Net on %s: predicted in %.0f s, scored into %s", name, seconds, work / f"eval_{name}"
-        )
+        summary["test"][name] = _predict_and_score(model, work, name, datalist, use_mirroring)
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
