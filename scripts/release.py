@@ -474,8 +474,9 @@ def releases_torchscript(export: bool | None, source: str) -> bool:
 
 
 def _check_arguments(
-    bundle_root: Path, dist: Path, model_url: str, overrides: Mapping[str, Any]
+    bundle_root: Path, dist: Path, model_url: str, overrides: Mapping[str, Any], export: Any
 ) -> Mapping[str, Any]:
+    """:func:`release`'s arguments, before anything is read or written; ``overrides`` returned."""
     if "://" not in model_url:
         raise ReleaseCheckError(f"model_url={model_url!r} is not a URL (https://..., file://...).")
     clash = sorted({"dino_model", "bundle_root"} & set(overrides))
@@ -486,7 +487,38 @@ def _check_arguments(
     for folder, _ in _ALLOWED_TREES:
         if dist.is_relative_to(bundle_root / folder):
             raise ReleaseCheckError(f"output_dir {dist} is inside {folder}/, which the zip holds.")
+    if export not in (None, True, False):
+        raise ReleaseCheckError(
+            f"export must be True, False or None, got {export!r} (spell it False, not false)."
+        )
     return overrides
+
+
+def _stage_and_check(
+    root: Path, build: Path, inference: str, source: str, overrides: Mapping[str, Any], export: bool
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Stage the bundle in ``build``, its configs naming the encoder ``source``, check that the network and the
+    workflow build from it, and export the TorchScript model when ``export``.
+
+    Returns:
+        the staged files and the large files (``models/model.pt``, and ``models/model.ts`` when exported),
+        by their path in the release.
+    """
+    checkpoint, staged = root / MODEL_FILE, build / BUNDLE_NAME
+    files = _stage(root, staged)
+    _set_dino_model(staged / "configs", inference, source)
+    settings = {**overrides, "bundle_root": str(staged), "dino_model": source}
+    _check_network(staged, inference, checkpoint, settings, source)
+    _check_workflow_properties(staged, inference, settings)
+    assets = {MODEL_FILE: checkpoint}
+    if export:
+        ts = build / Path(TORCHSCRIPT_FILE).name
+        assets[TORCHSCRIPT_FILE] = _export_torchscript(
+            root, staged / inference, checkpoint, ts, source, overrides
+        )
+    else:
+        logger.warning("export=False: no TorchScript model (%s) is released", TORCHSCRIPT_FILE)
+    return files, assets
 
 
 def release(
@@ -521,31 +553,14 @@ def release(
     """
     root, dist = Path(bundle_root).resolve(), Path(output_dir).resolve()
     model_url = (model_url or dist.as_uri()).rstrip("/")
-    overrides = _check_arguments(root, dist, model_url, dict(overrides or {}))
-    if export not in (None, True, False):
-        raise ReleaseCheckError(
-            f"export must be True, False or None, got {export!r} (spell it False, not false)."
-        )
+    overrides = _check_arguments(root, dist, model_url, dict(overrides or {}), export)
     metadata, inference = check_bundle(root)
     version, checkpoint = metadata["version"], root / MODEL_FILE
     source = released_dino_model(checkpoint, dino_model)
     export = releases_torchscript(export, source)
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         build = Path(scratch)
-        staged = build / BUNDLE_NAME
-        files = _stage(root, staged)
-        _set_dino_model(staged / "configs", inference, source)
-        settings = {**overrides, "bundle_root": str(staged), "dino_model": source}
-        _check_network(staged, inference, checkpoint, settings, source)
-        _check_workflow_properties(staged, inference, settings)
-        assets = {MODEL_FILE: checkpoint}
-        if export:
-            ts = build / Path(TORCHSCRIPT_FILE).name
-            assets[TORCHSCRIPT_FILE] = _export_torchscript(
-                root, staged / inference, checkpoint, ts, source, overrides
-            )
-        else:
-            logger.warning("export=False: no TorchScript model (%s) is released", TORCHSCRIPT_FILE)
+        files, assets = _stage_and_check(root, build, inference, source, overrides, export)
         outputs = _build(build, files, assets, version, model_url)
         _publish(dist, outputs, stale=[] if export else [Path(TORCHSCRIPT_FILE).name])
     logger.info(
