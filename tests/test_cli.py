@@ -27,8 +27,10 @@ import fire
 fire.Fire = lambda *args, **kwargs: logging.getLogger("scripts.probe").info("probe")
 runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
 """
-# Owned by other engineers for now, each waiting for its one-line change to ``configure_logging()``: the first
-# logs in its own format; the second reads logging.conf itself (so it ignores DINO3DRA_LOGGING_FILE).
+# Owned by other engineers for now, each waiting for its change to ``configure_logging()``: scripts/synthetic.py
+# calls basicConfig with its own format (so its run is expected to fail; strict, so the fix is noticed);
+# scripts/study/__main__.py reads logging.conf with its own fileConfig (right format, but no
+# DINO3DRA_LOGGING_FILE). Once both are changed, PENDING and CONFIGURES_ITSELF become empty.
 PENDING = {"scripts.synthetic"}
 CONFIGURES_ITSELF = {"scripts/synthetic.py", "scripts/study/__main__.py"}
 
