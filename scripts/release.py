@@ -494,31 +494,29 @@ def _check_arguments(
     return overrides
 
 
-def _stage_and_check(
-    root: Path, build: Path, inference: str, source: str, overrides: Mapping[str, Any], export: bool
-) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Stage the bundle in ``build``, its configs naming the encoder ``source``, check that the network and the
-    workflow build from it, and export the TorchScript model when ``export``.
+def _check_and_export(
+    root: Path, staged: Path, inference: str, source: str, overrides: Mapping[str, Any], export: bool
+) -> dict[str, Path]:
+    """Check that the network and the workflow build from the ``staged`` bundle with the encoder ``source``,
+    and export the TorchScript model next to it when ``export``.
 
     Returns:
-        the staged files and the large files (``models/model.pt``, and ``models/model.ts`` when exported),
-        by their path in the release.
+        the large files (``models/model.pt``, and ``models/model.ts`` when exported) by their path in the
+        release.
     """
-    checkpoint, staged = root / MODEL_FILE, build / BUNDLE_NAME
-    files = _stage(root, staged)
-    _set_dino_model(staged / "configs", inference, source)
+    checkpoint = root / MODEL_FILE
     settings = {**overrides, "bundle_root": str(staged), "dino_model": source}
     _check_network(staged, inference, checkpoint, settings, source)
     _check_workflow_properties(staged, inference, settings)
     assets = {MODEL_FILE: checkpoint}
     if export:
-        ts = build / Path(TORCHSCRIPT_FILE).name
+        ts = staged.parent / Path(TORCHSCRIPT_FILE).name
         assets[TORCHSCRIPT_FILE] = _export_torchscript(
             root, staged / inference, checkpoint, ts, source, overrides
         )
     else:
         logger.warning("export=False: no TorchScript model (%s) is released", TORCHSCRIPT_FILE)
-    return files, assets
+    return assets
 
 
 def release(
@@ -560,7 +558,10 @@ def release(
     export = releases_torchscript(export, source)
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         build = Path(scratch)
-        files, assets = _stage_and_check(root, build, inference, source, overrides, export)
+        staged = build / BUNDLE_NAME
+        files = _stage(root, staged)
+        _set_dino_model(staged / "configs", inference, source)
+        assets = _check_and_export(root, staged, inference, source, overrides, export)
         outputs = _build(build, files, assets, version, model_url)
         _publish(dist, outputs, stale=[] if export else [Path(TORCHSCRIPT_FILE).name])
     logger.info(
