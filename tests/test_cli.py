@@ -27,12 +27,10 @@ import fire
 fire.Fire = lambda *args, **kwargs: logging.getLogger("scripts.probe").info("probe")
 runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
 """
-# Owned by other engineers for now, each waiting for its change to ``configure_logging()``: scripts/synthetic.py
-# calls basicConfig with its own format (so its run is expected to fail; strict, so the fix is noticed);
-# scripts/study/__main__.py reads logging.conf with its own fileConfig (right format, but no
-# DINO3DRA_LOGGING_FILE). Once both are changed, PENDING and CONFIGURES_ITSELF become empty.
-PENDING = {"scripts.synthetic"}
-CONFIGURES_ITSELF = {"scripts/synthetic.py", "scripts/study/__main__.py"}
+# Entry points not yet configured through configure_logging() (expected to fail, strictly), and modules
+# allowed to configure logging themselves: none now; kept so that a newcomer is listed, not hidden.
+PENDING: set[str] = set()
+CONFIGURES_ITSELF: set[str] = set()
 
 
 def is_main_guard(node: ast.stmt) -> bool:
@@ -64,7 +62,7 @@ def test_every_known_command_is_found():
         "scripts.release",
         "scripts.score",
         "scripts.study",
-        "scripts.synthetic",
+        "scripts.data.synthetic",
         "scripts.tune_postprocessing",
     }
     assert expected <= set(entry_points())

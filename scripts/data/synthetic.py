@@ -379,5 +379,7 @@ main = write_dataset
 if __name__ == "__main__":
     import fire
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from scripts.cli import configure_logging
+
+    configure_logging()
     fire.Fire(main)

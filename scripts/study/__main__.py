@@ -1,12 +1,11 @@
 """``python -m scripts.study --output_dir DIR --budget NAME ...``: the study's command (see :mod:`scripts.study`)."""
 
-import logging.config
-
 import fire
 
+from scripts.cli import configure_logging
+
 from . import main
-from .run import LOGGING_FILE
 
 if __name__ == "__main__":
-    logging.config.fileConfig(LOGGING_FILE, disable_existing_loggers=False)
+    configure_logging()
     fire.Fire(main)

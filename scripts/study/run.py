@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.atomic_io import write_atomically
+from scripts.cli import LOGGING_FILE
 from scripts.data.synthetic import ensure_dataset
-from scripts.networks import EncoderProvenance, count_parameters
+from scripts.networks import EncoderProvenance, count_parameters, recorded_encoder
 
 from .plan import BUNDLE_ROOT, CONFIG_DIR, StudyPlan
 
@@ -32,10 +32,8 @@ __all__ = ["dataset_seed", "evaluate_row", "train_row"]
 logger = logging.getLogger(__name__)
 
 META_FILE = CONFIG_DIR / "metadata.json"
-LOGGING_FILE = CONFIG_DIR / "logging.conf"
 STUDY_VERSION = 1
 MODEL_FILE = Path("models") / "model.pt"
-ENCODER_STATE_KEY = "dino.encoder._extra_state"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -186,11 +184,10 @@ def _checkpoint_encoder(model_path: Path) -> dict[str, Any] | None:
     """The encoder a checkpoint was trained with, as its state dict records it (None: plain U-Net)."""
     if not model_path.is_file():
         raise RuntimeError(f"{model_path}: training wrote no model (no validation ran?).")
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    extra = state.get(ENCODER_STATE_KEY)
-    if extra is None:
+    record = recorded_encoder(model_path)
+    if record is None:
         return None
-    provenance = EncoderProvenance(source=str(extra["source"]), sha256=str(extra["sha256"]))
+    provenance = EncoderProvenance(source=str(record["source"]), sha256=str(record["sha256"]))
     return {"source": provenance.source, "sha256": provenance.sha256, "is_random": provenance.is_random}
 
 
