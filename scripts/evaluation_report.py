@@ -44,6 +44,7 @@ from scipy import ndimage
 
 from scripts.atomic_io import replace_atomically, write_atomically
 from scripts.data.preview import save_oriented_comparison
+from scripts.labels import ANEURYSM_LABEL
 from scripts.measurements import (
     COORDINATE_SYSTEM,
     AneurysmMeasurement,
@@ -51,7 +52,7 @@ from scripts.measurements import (
     table_rows,
     write_run_table,
 )
-from scripts.metrics import ANEURYSM_LABEL, detection_counts, format_markdown_table, summarize
+from scripts.metrics import detection_counts, format_markdown_table, summarize
 
 __all__ = [
     "ANEURYSM_TABLE",

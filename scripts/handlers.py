@@ -21,7 +21,8 @@ from monai.transforms import LoadImage
 from scripts.atomic_io import replace_atomically
 from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.evaluation_report import CaseAneurysms, write_case_aneurysms, write_evaluation
-from scripts.metrics import ANEURYSM_LABEL, DEFAULT_CLASSES, case_metrics
+from scripts.labels import ANEURYSM_LABEL
+from scripts.metrics import DEFAULT_CLASSES, case_metrics
 from scripts.switches import check_switch
 
 logger = logging.getLogger(__name__)

@@ -89,7 +89,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from scripts.atomic_io import write_atomically
-from scripts.metrics import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
 
 __all__ = [
     "COORDINATE_SYSTEM",

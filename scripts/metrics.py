@@ -42,18 +42,17 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, LABEL_NAMES, VESSEL_LABEL
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ANEURYSM_LABEL",
-    "BACKGROUND_LABEL",
     "DEFAULT_CLASSES",
     "FAILURE_DICE_THRESHOLD",
     "METRICS",
     "MISSING_STRUCTURE_DISTANCE_MM",
     "SIZE_BINS",
     "STATUSES",
-    "VESSEL_LABEL",
     "case_metrics",
     "class_metrics",
     "detection_counts",
@@ -62,10 +61,7 @@ __all__ = [
     "summarize",
 ]
 
-BACKGROUND_LABEL = 0
-VESSEL_LABEL = 1
-ANEURYSM_LABEL = 2
-DEFAULT_CLASSES: dict[int, str] = {VESSEL_LABEL: "vessel", ANEURYSM_LABEL: "aneurysm"}
+DEFAULT_CLASSES: dict[int, str] = {label: LABEL_NAMES[label] for label in (VESSEL_LABEL, ANEURYSM_LABEL)}
 
 MISSING_STRUCTURE_DISTANCE_MM = 100.0
 """HD95 and ASSD (mm) given to a class that is missed or spurious (exactly one of truth/prediction empty)."""

@@ -26,7 +26,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.metrics import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
 
 __all__ = ["CleanSegmentationd", "clean_segmentation"]
 

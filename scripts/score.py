@@ -38,7 +38,8 @@ import nibabel as nib
 import numpy as np
 
 from scripts.evaluation_report import write_evaluation
-from scripts.metrics import BACKGROUND_LABEL, DEFAULT_CLASSES, MISSING_STRUCTURE_DISTANCE_MM, case_metrics
+from scripts.labels import BACKGROUND_LABEL
+from scripts.metrics import DEFAULT_CLASSES, MISSING_STRUCTURE_DISTANCE_MM, case_metrics
 
 __all__ = [
     "AFFINE_ATOL_MM",

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from scripts.metrics import ANEURYSM_LABEL, VESSEL_LABEL, detection_counts
+from scripts.labels import ANEURYSM_LABEL, VESSEL_LABEL
+from scripts.metrics import detection_counts
 
 __all__ = ["SegmentationScore", "case_score"]
 

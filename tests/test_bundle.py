@@ -18,6 +18,7 @@ from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 from PIL import Image
 
+from scripts.labels import LABEL_NAMES, NUM_CLASSES
 from scripts.networks import AdditiveFusion, CalibratedFusion, EncoderMismatchError, RoomLite
 
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -557,11 +558,11 @@ def test_metadata_is_valid_for_the_model_zoo(tmp_path):
     local.write_bytes(schema.read_bytes())  # present locally: verify_metadata does not download it
     verify_metadata(meta_file=META, filepath=str(local))
     meta = json.loads(Path(META).read_text())
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
-        "0": "background",
-        "1": "vessel",
-        "2": "aneurysm",
-    }
+    # the zoo's channel_def states scripts.labels, which every module and config uses
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert channel_def == {str(label): name for label, name in LABEL_NAMES.items()}
+    assert LABEL_NAMES == {0: "background", 1: "vessel", 2: "aneurysm"}
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == NUM_CLASSES
     assert "not for diagnosis" in meta["intended_use"] and "DINOv3 License" in meta["license_notice"]
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, LABEL_NAMES, VESSEL_LABEL
+
 from .appearance import render_intensity
 from .centres import Centre, get_centre
 from .lesions import Aneurysm, HardNegative, place_aneurysms, place_hard_negatives
@@ -42,7 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "2.0.0"
-LABELS = {"0": "background", "1": "vessel", "2": "aneurysm"}
+# dataset.json's "labels": names by label value, as strings (JSON keys)
+LABELS = {str(label): name for label, name in LABEL_NAMES.items()}
 
 
 @dataclass
@@ -170,10 +173,10 @@ def render_labels(geometry: PhantomGeometry) -> tuple[np.ndarray, DistanceField,
     for aneurysm in geometry.aneurysms:
         aneurysm.draw(sacs)
 
-    label = (vessels.distance <= 0).astype(np.uint8)
+    label = np.where(vessels.distance <= 0, VESSEL_LABEL, BACKGROUND_LABEL).astype(np.uint8)
     if geometry.aneurysms:
-        sac = (sacs.distance <= 0) & (label == 0)
-        label[sac] = 2
+        sac = (sacs.distance <= 0) & (label == BACKGROUND_LABEL)
+        label[sac] = ANEURYSM_LABEL
         _drop_orphans(label)
     return label, vessels, sacs
 
@@ -203,17 +206,17 @@ def _drop_orphans(label: np.ndarray) -> None:
     By construction every sac cuts its parent wall; this only removes sub-voxel-thin appendages that fell
     apart on the grid.
     """
-    box = ndimage.find_objects((label == 2).astype(np.uint8))
+    box = ndimage.find_objects((label == ANEURYSM_LABEL).astype(np.uint8))
     if not box or box[0] is None:
         return
     crop = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box[0])
     sub = label[crop]
-    components, count = ndimage.label(sub == 2, structure=np.ones((3, 3, 3)))
-    near_vessel = ndimage.binary_dilation(sub == 1, structure=np.ones((3, 3, 3)))
+    components, count = ndimage.label(sub == ANEURYSM_LABEL, structure=np.ones((3, 3, 3)))
+    near_vessel = ndimage.binary_dilation(sub == VESSEL_LABEL, structure=np.ones((3, 3, 3)))
     touching = set(np.unique(components[near_vessel & (components > 0)]).tolist())
     for index in range(1, count + 1):
         if index not in touching:
-            sub[components == index] = 0
+            sub[components == index] = BACKGROUND_LABEL
             logger.debug("dropped an aneurysm fragment that does not touch the vessel")
 
 
@@ -263,4 +266,4 @@ def _count_near(label: np.ndarray, aneurysm: Aneurysm, spacing: np.ndarray) -> i
     low = np.maximum(np.floor((aneurysm.dome_centre - aneurysm.reach - 1) / spacing), 0).astype(int)
     high = np.ceil((aneurysm.dome_centre + aneurysm.reach + 1) / spacing).astype(int) + 1
     crop = tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))
-    return int((label[crop] == 2).sum())
+    return int((label[crop] == ANEURYSM_LABEL).sum())

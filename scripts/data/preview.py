@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from scripts.labels import ANEURYSM_LABEL, VESSEL_LABEL
+
 __all__ = [
     "COMPARISON_GAP",
     "render_oriented_preview",
@@ -159,8 +161,10 @@ def _mip_row(
 ) -> list[Image.Image]:
     """Axial, coronal and sagittal MIPs of (X, Y, Z) ``image`` with the projected labels drawn on top."""
     mips = _views(image, lambda v, axis: v.max(axis=axis))
-    aneurysm_proj = _views(label == 2, lambda v, axis: v.any(axis=axis))
-    vessel_proj = _views(label == 1, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
+    aneurysm_proj = _views(label == ANEURYSM_LABEL, lambda v, axis: v.any(axis=axis))
+    vessel_proj = (
+        _views(label == VESSEL_LABEL, lambda v, axis: v.any(axis=axis)) if vessel_outline else [None] * 3
+    )
     return [
         _panel(_window(m, *window), a, v, px, scale, alpha, vessel_alpha)
         for m, a, v, px in zip(mips, aneurysm_proj, vessel_proj, pixel_mm, strict=True)
@@ -206,7 +210,14 @@ def _slice_row(
         (image[centre[0], :, :].T[::-1, :], label[centre[0], :, :].T[::-1, :]),
     ]
     return [
-        _panel(_window(img, *window), lab == 2, (lab == 1) if vessel_outline else None, px, scale, 0.25)
+        _panel(
+            _window(img, *window),
+            lab == ANEURYSM_LABEL,
+            (lab == VESSEL_LABEL) if vessel_outline else None,
+            px,
+            scale,
+            0.25,
+        )
         for (img, lab), px in zip(cuts, pixel_mm, strict=True)
     ]
 
@@ -369,7 +380,7 @@ def _draw_number(draw, voxel, text, spacing, shape, panels, gap, scale) -> None:
 
 def _focus(label: np.ndarray) -> tuple[int, int, int]:
     """Voxel index of the centroid of the largest aneurysm component, else the volume centre."""
-    components, count = ndimage.label(label == 2, structure=np.ones((3, 3, 3)))
+    components, count = ndimage.label(label == ANEURYSM_LABEL, structure=np.ones((3, 3, 3)))
     if count == 0:
         return tuple(int(n // 2) for n in label.shape)
     sizes = np.bincount(components.ravel())[1:]

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from scripts.labels import LABEL_NAMES
+
 
 def _source(item: Any) -> str:
     meta = getattr(item, "meta", {}) or {}
@@ -25,7 +27,7 @@ class ValidateCased(MapTransform):
     Args:
         image_key: key of the image. Default ``"image"``.
         label_key: key of the label, skipped when absent (inference). Default ``"label"``.
-        labels: allowed label values. Default ``(0, 1, 2)``.
+        labels: allowed label values. Default: those of :data:`scripts.labels.LABEL_NAMES` (0, 1, 2).
         affine_atol: tolerance on affine entries (mm). Default 1e-3.
     """
 
@@ -33,7 +35,7 @@ class ValidateCased(MapTransform):
         self,
         image_key: str = "image",
         label_key: str = "label",
-        labels: Sequence[int] = (0, 1, 2),
+        labels: Sequence[int] = tuple(LABEL_NAMES),
         affine_atol: float = 1e-3,
     ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys=True)
