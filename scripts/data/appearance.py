@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .centres import Centre, get_centre
+from .centres import Centre
 from .raster import occupancy
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "bone_layer",
     "correlated_noise",
     "gain_field",
-    "render_background_only",
     "render_intensity",
 ]
 
@@ -614,30 +613,3 @@ def render_intensity(
     if not np.all(np.isfinite(image)) or float(image.max()) <= float(image.min()):
         raise RuntimeError(f"render_intensity produced a non-finite or constant volume; draws: {info}")
     return image, info
-
-
-def render_background_only(seed: int, centre: str | Centre = "A") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Render case ``seed``'s appearance with no vessels at all: tissue texture, bone, artefacts, noise.
-
-    Uses the same appearance stream as :func:`scripts.data.phantom.generate_case` (so the draws are those
-    of the case without its lumen), for tests and negative training cases.
-
-    Args:
-        seed: non-negative integer.
-        centre: centre name or a :class:`Centre`.
-
-    Returns:
-        ``(image, label, info)``: (X, Y, Z) float32 image, (X, Y, Z) uint8 label (all 0) and the
-        appearance record with ``"background_only": True``.
-    """
-    from .phantom import _streams  # phantom imports this module
-
-    style = get_centre(centre)
-    _, rng = _streams(seed)
-    extent = (np.asarray(style.shape) - 1) * np.asarray(style.spacing)
-    distance = np.full(style.shape, 10.0, dtype=np.float32)  # no lumen anywhere
-    value = np.zeros(style.shape, dtype=np.float32)
-    focus = extent / 2.0
-    image, info = render_intensity(distance, value, style, rng, extent, focus)
-    info = {"seed": int(seed), "centre": style.name, "background_only": True, "appearance": info}
-    return image, np.zeros(style.shape, dtype=np.uint8), info

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .raster import DistanceField
-from .vessel_tree import Tube, VesselTree, _perpendicular, _unit
+from .vectors import perpendicular, unit
+from .vessel_tree import Tube, VesselTree
 
 __all__ = [
     "LOCATIONS",
@@ -61,7 +62,7 @@ _NAMED_SITES = ("mca_bifurcation", "basilar_tip", "acom", "ica_terminus")
 def _direction_in_cone(rng: np.random.Generator, axis: np.ndarray, min_cos: float) -> np.ndarray:
     """A random unit vector with ``u . axis >= min_cos``."""
     while True:
-        u = _unit(rng.standard_normal(3))
+        u = unit(rng.standard_normal(3))
         if u @ axis >= min_cos:
             return u
 
@@ -338,7 +339,7 @@ class _Placer:
         neck = self._fit_neck(kind, t, j, size, radius, elongation, direction, along, spread)
         centre = base + direction * (r_vessel + elongation * neck.depth)
         bumps, lobes, daughters = self._surface(centre, direction, radius, elongation)
-        gradient = _unit(rng.standard_normal(3)) * rng.uniform(0.0, 0.2) / (radius * elongation)
+        gradient = unit(rng.standard_normal(3)) * rng.uniform(0.0, 0.2) / (radius * elongation)
         return Aneurysm(
             kind=kind,
             tube=t,
@@ -373,9 +374,9 @@ class _Placer:
             bif = next(b for b in self.tree.bifurcations if b.tube == t)
             # at the apex: between the two branches, in line with the parent's flow jet
             t1, t2 = (self.tree.tubes[c].tangents[2] for c in bif.children)
-            apex = _unit(t1 + t2)
-            direction = _unit(apex + 0.1 * bif.direction + 0.05 * rng.standard_normal(3))
-            along = _unit(t1 - t2)  # the neck spreads onto both branches
+            apex = unit(t1 + t2)
+            direction = unit(apex + 0.1 * bif.direction + 0.05 * rng.standard_normal(3))
+            along = unit(t1 - t2)  # the neck spreads onto both branches
             spread = 0.5 * np.arccos(np.clip(t1 @ t2, -1.0, 1.0))  # angle of each branch from the apex
             return direction, along, spread
         tangent = tube.tangents[j]
@@ -383,10 +384,10 @@ class _Placer:
         curvature = tube.tangents[hi] - tube.tangents[lo]
         curvature -= (curvature @ tangent) * tangent
         if np.linalg.norm(curvature) > 0.15:
-            direction = _unit(-curvature + 0.3 * _perpendicular(rng, tangent))  # outer curve
+            direction = unit(-curvature + 0.3 * perpendicular(rng, tangent))  # outer curve
         else:
-            direction = _perpendicular(rng, tangent)
-        direction = _unit(direction - (direction @ tangent) * tangent)
+            direction = perpendicular(rng, tangent)
+        direction = unit(direction - (direction @ tangent) * tangent)
         return direction, tangent, 0.0
 
     def _fit_neck(
@@ -435,7 +436,7 @@ class _Placer:
             (
                 rng.uniform(0.03, 0.07),
                 rng.uniform(2.0, 5.0),
-                _unit(rng.standard_normal(3)),
+                unit(rng.standard_normal(3)),
                 rng.uniform(0, 2 * np.pi),
             )
             for _ in range(int(rng.integers(2, 5)))
@@ -683,7 +684,7 @@ class _Placer:
 
     def _wall_bump(self, tube: Tube, j: int) -> tuple[HardNegative, Callable[[], None]]:
         r_bump = self.rng.uniform(0.45, 0.72)  # below the smallest aneurysm (1.5 mm)
-        normal = _perpendicular(self.rng, tube.tangents[j])
+        normal = perpendicular(self.rng, tube.tangents[j])
         centre = tube.points[j] + normal * (tube.radii[j] + 0.1 * r_bump)
         pts = np.stack([tube.points[j] + normal * 0.5 * tube.radii[j], centre])
         bump = Tube(pts, np.array([0.8 * r_bump, r_bump]), "wall_bump", tube.generation, tube.value)

@@ -38,6 +38,7 @@ __all__ = [
     "generate_geometry",
     "local_diameter",
     "phantom_affine",
+    "render_background_only",
     "render_labels",
 ]
 
@@ -259,6 +260,31 @@ def generate_case(seed: int, centre: str | Centre = "A") -> Phantom:
         affine=phantom_affine(style.shape, style.spacing),
         info=info,
     )
+
+
+def render_background_only(seed: int, centre: str | Centre = "A") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Render case ``seed``'s appearance with no vessels at all: tissue texture, bone, artefacts, noise.
+
+    Uses the same appearance stream as :func:`generate_case` (so the draws are those of the case without its
+    lumen), for tests and negative training cases.
+
+    Args:
+        seed: non-negative integer.
+        centre: centre name or a :class:`Centre`.
+
+    Returns:
+        ``(image, label, info)``: (X, Y, Z) float32 image, (X, Y, Z) uint8 label (all 0) and the
+        appearance record with ``"background_only": True``.
+    """
+    style = get_centre(centre)
+    _, rng = _streams(seed)
+    extent = (np.asarray(style.shape) - 1) * np.asarray(style.spacing)
+    distance = np.full(style.shape, 10.0, dtype=np.float32)  # no lumen anywhere
+    value = np.zeros(style.shape, dtype=np.float32)
+    focus = extent / 2.0
+    image, info = render_intensity(distance, value, style, rng, extent, focus)
+    info = {"seed": int(seed), "centre": style.name, "background_only": True, "appearance": info}
+    return image, np.zeros(style.shape, dtype=np.uint8), info
 
 
 def _count_near(label: np.ndarray, aneurysm: Aneurysm, spacing: np.ndarray) -> int:

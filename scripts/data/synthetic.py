@@ -31,9 +31,8 @@ import numpy as np
 
 from scripts.atomic_io import replace_atomically, write_atomically
 
-from .appearance import render_background_only
 from .centres import Centre, get_centre
-from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine
+from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine, render_background_only
 from .preview import save_preview
 
 __all__ = ["case_seed", "dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .vectors import perpendicular, rotate, unit
+
 __all__ = [
     "TEMPLATES",
     "Bifurcation",
@@ -256,22 +258,6 @@ class VesselTree:
         ]
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
-def _perpendicular(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
-    """A random unit vector perpendicular to unit ``d``."""
-    v = rng.standard_normal(3)
-    v -= (v @ d) * d
-    return _unit(v)
-
-
-def _rotate(d: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
-    """Rodrigues rotation of ``d`` about unit ``axis``."""
-    return d * np.cos(angle) + np.cross(axis, d) * np.sin(angle) + axis * (axis @ d) * (1.0 - np.cos(angle))
-
-
 @dataclass
 class _WalkResult:
     points: np.ndarray
@@ -344,7 +330,7 @@ class _TreeGrower:
         rng, step = self.rng, _STEP_MM
         n_steps = max(3, int(round(length / step)))
         p = np.asarray(start, float).copy()
-        heading = _Heading(_unit(np.asarray(direction, float)), zrun_left=zrun_first)
+        heading = _Heading(unit(np.asarray(direction, float)), zrun_left=zrun_first)
         points, radii, side, loops = [p.copy()], [r0], [], []
         forced_at = (
             int(rng.integers(n_steps // 4, max(n_steps // 4 + 1, 3 * n_steps // 4)))
@@ -360,12 +346,12 @@ class _TreeGrower:
                 overlapping = k == forced_at or rng.random() < 0.4
                 k += self._loop(points, radii, loops, heading.direction, r, overlapping)
                 p = points[-1].copy()
-                heading.direction = _unit(points[-1] - points[-2])
+                heading.direction = unit(points[-1] - points[-2])
                 continue
             d = self._turn(heading, u, tortuosity, kink_rate, zrun_rate)
             if steer:
                 d = self._steer_inward(p, d)
-            heading.direction = d = _unit(d)
+            heading.direction = d = unit(d)
             p = p + d * step
             points.append(p.copy())
             radii.append(r)
@@ -393,7 +379,7 @@ class _TreeGrower:
         rng, step, corr = self.rng, _STEP_MM, 4.0
         d = heading.direction
         if u[1] < kink_rate * step:
-            d = _rotate(d, _perpendicular(rng, d), np.deg2rad(rng.uniform(30.0, 65.0)))
+            d = rotate(d, perpendicular(rng, d), np.deg2rad(rng.uniform(30.0, 65.0)))
         if heading.zrun_left <= 0 and u[2] < zrun_rate * step:
             heading.zrun_left = rng.uniform(8.0, 18.0)
             heading.z_target = _EZ * (1.0 if d[2] >= 0 else -1.0)
@@ -416,7 +402,7 @@ class _TreeGrower:
         if np.any(over > 0):
             push = -np.sign(q) * np.clip(over, 0.0, None)
             if d @ push < 0.2 * np.linalg.norm(push):
-                d = d + 0.15 * _unit(push)
+                d = d + 0.15 * unit(push)
         return d
 
     def _loop(
@@ -436,7 +422,7 @@ class _TreeGrower:
             loop_radius = rng.uniform(max(1.5 * r + 0.4, 1.4), max(1.5 * r + 0.5, 3.5))
             pitch = rng.uniform(2.5, 3.5) * r + 0.6
             turns = 1.0
-        m = _perpendicular(rng, d)
+        m = perpendicular(rng, d)
         axis = np.cross(d, m)
         p0 = points[-1]
         centre = p0 + loop_radius * m
@@ -564,7 +550,7 @@ class _TreeGrower:
             the walk; ``marks`` holds the point index where each piece ends.
         """
         rng, step, corr = self.rng, _STEP_MM, 4.0
-        p, d = np.asarray(start, float).copy(), _unit(np.asarray(direction, float))
+        p, d = np.asarray(start, float).copy(), unit(np.asarray(direction, float))
         kappa = np.zeros(3)
         points, marks, exited = [p.copy()], [], False
         for length, turn, target in plan:
@@ -574,10 +560,10 @@ class _TreeGrower:
                 if target is not None:
                     axis = np.cross(d, target)
                     if np.linalg.norm(axis) > 1e-6:
-                        d = _rotate(d, _unit(axis), dtheta)
+                        d = rotate(d, unit(axis), dtheta)
                 kappa = kappa * (1.0 - step / corr) + noise * np.sqrt(step / corr) * rng.standard_normal(3)
                 kappa -= (kappa @ d) * d
-                d = _unit(d + kappa * step)
+                d = unit(d + kappa * step)
                 p = p + d * step
                 points.append(p.copy())
                 if stop_outside and (np.any(p < -(r0 + 1.5)) or np.any(p > self.extent + r0 + 1.5)):
@@ -597,8 +583,8 @@ class _TreeGrower:
     def _frame(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Patient axes ``(up, lateral, anterior)`` with a random head tilt, side and C-arm rotation."""
         rng = self.rng
-        up = _unit(_EZ + 0.15 * rng.standard_normal(3) * np.array([1.0, 1.0, 0.0]))
-        lateral = _perpendicular(rng, up)
+        up = unit(_EZ + 0.15 * rng.standard_normal(3) * np.array([1.0, 1.0, 0.0]))
+        lateral = perpendicular(rng, up)
         anterior = np.cross(up, lateral) * rng.choice([-1.0, 1.0])
         return up, lateral, anterior
 
@@ -614,7 +600,7 @@ class _TreeGrower:
             how many points were prepended (indices into the walk shift by this).
         """
         p0, r0 = result.points[0], float(result.radii[0])
-        back = -_unit(result.points[min(3, len(result.points) - 1)] - p0)
+        back = -unit(result.points[min(3, len(result.points) - 1)] - p0)
         extra = []
         p = p0.copy()
         while self.tree.inside(p, margin=-(r0 + 1.5)) and len(extra) < 200:
@@ -711,20 +697,20 @@ class _TreeGrower:
         r1, r2, th1, th2 = self._murray_pair(r_split, 0.7, 1.0)
         total = np.deg2rad(rng.uniform(100.0, 160.0))
         th1, th2 = th1 * total / (th1 + th2), th2 * total / (th1 + th2)
-        m = _unit(up - (up @ t) * t + 0.5 * _perpendicular(rng, t))
+        m = unit(up - (up @ t) * t + 0.5 * perpendicular(rng, t))
         dirs = [np.cos(th1) * t + np.sin(th1) * m, np.cos(th2) * t - np.sin(th2) * m]
         results = []
         for r, d in zip((max(r1, MIN_RADIUS_MM), max(r2, MIN_RADIUS_MM)), dirs, strict=True):
             length = rng.uniform(12.0, 22.0)
             plan = [
-                (0.4 * length, rng.uniform(20.0, 60.0), _unit(up - anterior)),
+                (0.4 * length, rng.uniform(20.0, 60.0), unit(up - anterior)),
                 (0.6 * length, rng.uniform(-20, 20), up),
             ]
             results.append(self.arc(tube.points[-1], d, r, r * rng.uniform(0.8, 0.92), plan, noise=0.06))
         children = self._split(m1, results, ("m2", "m2"), "mca_bifurcation", 2)
         if trifurcation:
             r3 = (r0**3 - r1**3 - r2**3) ** (1.0 / 3.0) if r0**3 > r1**3 + r2**3 else r2
-            d3 = _unit(t + 0.4 * np.cross(t, m) * rng.choice([-1.0, 1.0]))
+            d3 = unit(t + 0.4 * np.cross(t, m) * rng.choice([-1.0, 1.0]))
             res = self.arc(
                 tube.points[-1],
                 d3,
@@ -793,7 +779,7 @@ class _TreeGrower:
         self._twig(
             trunk,
             min(supra + 1, n - 3),
-            _unit(anterior + 0.3 * up),
+            unit(anterior + 0.3 * up),
             rng.uniform(0.5, 0.75),
             rng.uniform(8, 14),
             "ophthalmic",
@@ -803,7 +789,7 @@ class _TreeGrower:
             self._twig(
                 trunk,
                 j_pcomm,
-                _unit(back - 0.3 * up + 0.2 * lateral),
+                unit(back - 0.3 * up + 0.2 * lateral),
                 rng.uniform(0.5, 0.85),
                 rng.uniform(10, 18),
                 "pcomm",
@@ -811,7 +797,7 @@ class _TreeGrower:
         self._twig(
             trunk,
             min(j_pcomm + 3, n - 2),
-            _unit(back + 0.7 * lateral + 0.2 * up),
+            unit(back + 0.7 * lateral + 0.2 * up),
             rng.uniform(0.5, 0.6),
             rng.uniform(10, 16),
             "acha",
@@ -832,7 +818,7 @@ class _TreeGrower:
         end = tube.points[-1]
         m1 = self.arc(
             end,
-            _unit(lateral + 0.2 * up + 0.15 * rng.standard_normal(3)),
+            unit(lateral + 0.2 * up + 0.15 * rng.standard_normal(3)),
             r_m1,
             r_m1 * rng.uniform(0.88, 0.95),
             [
@@ -843,7 +829,7 @@ class _TreeGrower:
         )
         a1 = self.arc(
             end,
-            _unit(-lateral + 0.5 * anterior + 0.25 * up),
+            unit(-lateral + 0.5 * anterior + 0.25 * up),
             r_a1,
             r_a1 * rng.uniform(0.9, 0.97),
             [(rng.uniform(9, 14), rng.uniform(10, 35), anterior)],
@@ -862,18 +848,18 @@ class _TreeGrower:
         a1_tube = self.tree.tubes[i_a1]
         r_a2, r_acom, _, _ = self._murray_pair(float(a1_tube.radii[-1]), 0.5, 0.85)
         t = a1_tube.tangents[-1]
-        t = _unit(t - (t @ up) * up)  # the ACom runs across the midline, the A2 turns up: 100-130 degrees
+        t = unit(t - (t @ up) * up)  # the ACom runs across the midline, the A2 turns up: 100-130 degrees
         a2 = self.arc(
             a1_tube.points[-1],
-            _unit(up + 0.3 * anterior - rng.uniform(0.2, 0.6) * t),
+            unit(up + 0.3 * anterior - rng.uniform(0.2, 0.6) * t),
             r_a2,
             r_a2 * 0.85,
-            [(rng.uniform(10, 18), rng.uniform(20, 50), _unit(-anterior + up))],
+            [(rng.uniform(10, 18), rng.uniform(20, 50), unit(-anterior + up))],
             noise=0.05,
         )
         acom = self.arc(
             a1_tube.points[-1],
-            _unit(t - rng.uniform(0.0, 0.3) * up),
+            unit(t - rng.uniform(0.0, 0.3) * up),
             max(r_acom, MIN_RADIUS_MM),
             max(r_acom, MIN_RADIUS_MM),
             [(rng.uniform(3, 5), 0.0, None)],
@@ -935,7 +921,7 @@ class _TreeGrower:
         up, lateral, anterior = frame
         tube = self.tree.tubes[trunk]
         for side, r in zip(sides, r_vert, strict=True):
-            d = _unit(-up + side * rng.uniform(0.5, 1.0) * lateral + 0.2 * anterior)
+            d = unit(-up + side * rng.uniform(0.5, 1.0) * lateral + 0.2 * anterior)
             res = self.arc(
                 tube.points[0],
                 d,
@@ -969,7 +955,7 @@ class _TreeGrower:
                 self._twig(
                     trunk,
                     j_aica,
-                    _unit(side * lateral - 0.3 * up + 0.2 * rng.standard_normal(3)),
+                    unit(side * lateral - 0.3 * up + 0.2 * rng.standard_normal(3)),
                     rng.uniform(0.5, 0.65),
                     rng.uniform(10, 16),
                     "aica",
@@ -978,7 +964,7 @@ class _TreeGrower:
                 self._twig(
                     trunk,
                     j_sca,
-                    _unit(side * lateral - 0.3 * anterior),
+                    unit(side * lateral - 0.3 * anterior),
                     rng.uniform(0.55, 0.85),
                     rng.uniform(12, 20),
                     "sca",
@@ -996,7 +982,7 @@ class _TreeGrower:
         end = self.tree.tubes[trunk].points[-1]
         results = []
         for side, r in zip((1.0, -1.0), r_p1, strict=True):
-            d = _unit(side * lateral + 0.25 * up + 0.1 * rng.standard_normal(3))
+            d = unit(side * lateral + 0.25 * up + 0.1 * rng.standard_normal(3))
             pl = [
                 (rng.uniform(5.0, 8.0), rng.uniform(-10.0, 20.0), up),
                 (rng.uniform(6.0, 10.0), rng.uniform(60.0, 100.0), -anterior),
@@ -1026,7 +1012,7 @@ class _TreeGrower:
             self._twig(
                 trunk,
                 j,
-                _unit(up + 0.3 * rng.standard_normal(3)),
+                unit(up + 0.3 * rng.standard_normal(3)),
                 0.5,
                 rng.uniform(8.0, 14.0),
                 "lenticulostriate",
@@ -1069,14 +1055,14 @@ class _TreeGrower:
         start = extent * rng.uniform(0.3, 0.7, size=3)
         if rng.random() < 0.65:
             start[2] = -1.0
-            direction = _unit(_EZ + 0.25 * rng.standard_normal(3) * np.array([1.0, 1.0, 0.0]))
+            direction = unit(_EZ + 0.25 * rng.standard_normal(3) * np.array([1.0, 1.0, 0.0]))
             return start, direction, True
         axis = int(rng.integers(0, 2))
         side = int(rng.integers(0, 2))
         start[axis] = -1.0 if side == 0 else extent[axis] + 1.0
         direction = np.zeros(3)
         direction[axis] = 1.0 if side == 0 else -1.0
-        direction = _unit(direction + 0.4 * rng.standard_normal(3))
+        direction = unit(direction + 0.4 * rng.standard_normal(3))
         return start, direction, False
 
     def _bifurcate(self, index: int) -> list[int]:
@@ -1098,7 +1084,7 @@ class _TreeGrower:
         theta1 = theta1 * widen + np.deg2rad(rng.normal(0, 6))
         theta2 = theta2 * widen + np.deg2rad(rng.normal(0, 6))
         d0 = tube.tangents[-1]
-        m = _perpendicular(rng, d0)
+        m = perpendicular(rng, d0)
         d1 = np.cos(theta1) * d0 + np.sin(theta1) * m
         d2 = np.cos(theta2) * d0 - np.sin(theta2) * m
         end = len(tube.points) - 1
@@ -1131,7 +1117,7 @@ class _TreeGrower:
         r = max(MIN_RADIUS_MM, r_parent * rng.uniform(0.3, 0.55))
         if not self.tree.inside(tube.points[j], margin=1.0):
             return None
-        d = _rotate(tube.tangents[j], _perpendicular(rng, tube.tangents[j]), np.deg2rad(rng.uniform(45, 90)))
+        d = rotate(tube.tangents[j], perpendicular(rng, tube.tangents[j]), np.deg2rad(rng.uniform(45, 90)))
         res = self.walk(
             tube.points[j],
             d,
@@ -1163,11 +1149,11 @@ class _TreeGrower:
             t, j = candidates[int(rng.integers(len(candidates)))]
             near = tree.tubes[t]
             tangent = near.tangents[j]
-            normal = _perpendicular(rng, tangent)
+            normal = perpendicular(rng, tangent)
             r = rng.uniform(0.6, 1.4)
             gap = rng.uniform(0.2, 1.2)
             anchor = near.points[j] + normal * (near.radii[j] + r + gap)
-            direction = _perpendicular(rng, normal)
+            direction = perpendicular(rng, normal)
             halves = []
             for sign in (1.0, -1.0):
                 halves.append(

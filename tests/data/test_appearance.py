@@ -10,13 +10,8 @@ import pytest
 from scipy import ndimage
 
 from scripts.data import generate_case, generate_geometry, get_centre, render_labels
-from scripts.data.appearance import (
-    BONE_KINDS,
-    TEXTURE_KINDS,
-    UNIT_KINDS,
-    render_background_only,
-    render_intensity,
-)
+from scripts.data.appearance import BONE_KINDS, TEXTURE_KINDS, UNIT_KINDS, render_intensity
+from scripts.data.phantom import render_background_only
 
 SHAPE = (48, 48, 48)
 SPREAD_SEEDS = range(30)
