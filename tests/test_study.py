@@ -50,7 +50,7 @@ def train_calls(monkeypatch) -> list[str]:
         calls.append(Path(row_dir).name)
         return real(row_dir, *args, **kwargs)
 
-    monkeypatch.setattr(study.run, "train_row", counting)  # where _run_row looks it up
+    monkeypatch.setattr(study.run, "train_row", counting)  # where run_row looks it up
     return calls
 
 
@@ -435,9 +435,9 @@ def test_finished_rows_with_other_settings_count_as_not_run(micro_study, tmp_pat
     output = tmp_path / "study"
     shutil.copytree(micro_study, output)
     plan = study.plan_study("micro", overrides={**TINY, "learning_rate": 0.1})
-    assert study.run._finished(output, plan, "full") is None
+    assert study.run.finished_record(output, plan, "full") is None
     assert "| Plain U-Net | not run |" in study.write_tables(output, plan)
-    assert study.run._finished(output, study.plan_study("micro", overrides=TINY), "full") is not None
+    assert study.run.finished_record(output, study.plan_study("micro", overrides=TINY), "full") is not None
 
 
 def test_an_output_dir_stays_bound_to_its_data(micro_study, tmp_path):

@@ -69,36 +69,17 @@ from typing import Any
 from scripts.networks import DEFAULT_DINO_MODEL
 
 from .nnunet import run_nnunet_row, unavailable_reason
-from .plan import (
-    DEFAULT_DINOV2_MODEL,
-    EXTERNAL_ROWS,
-    Budget,
-    StudyConfig,
-    StudyPlan,
-    check_encoders,
-    load_study_config,
-    plan_study,
-)
-from .run import _bind_output_dir, _finished, _prepare_data, _run_row, dataset_seed, evaluate_row, train_row
+from .plan import DEFAULT_DINOV2_MODEL, StudyPlan, check_encoders, load_study_config, plan_study
+from .run import bind_output_dir, finished_record, prepare_data, run_row
 from .tables import CSV_COLUMNS, write_tables
 
 __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_DINOV2_MODEL",
     "DEFAULT_DINO_MODEL",
-    "EXTERNAL_ROWS",
-    "Budget",
-    "StudyConfig",
-    "StudyPlan",
-    "check_encoders",
-    "dataset_seed",
-    "evaluate_row",
     "load_study_config",
     "main",
     "plan_study",
-    "run_nnunet_row",
-    "train_row",
-    "unavailable_reason",
     "write_tables",
 ]
 
@@ -140,15 +121,15 @@ def main(
     """
     plan = plan_study(budget, rows, dino_model, dinov2_model, seed, overrides)
     output = Path(output_dir).expanduser().resolve()
-    _bind_output_dir(output, plan, write=False)
-    finished = {row: _finished(output, plan, row) is not None for row in plan.selected}
+    bind_output_dir(output, plan, write=False)
+    finished = {row: finished_record(output, plan, row) is not None for row in plan.selected}
     skipped = _unavailable([row for row in plan.selected if not finished[row]], plan)
     to_run = [row for row in plan.selected if not finished[row] and row not in skipped]
     encoders = check_encoders(plan, to_run)
 
     output.mkdir(parents=True, exist_ok=True)
-    _bind_output_dir(output, plan, write=True)
-    datasets = _prepare_data(output, plan) if to_run else {}
+    bind_output_dir(output, plan, write=True)
+    datasets = prepare_data(output, plan) if to_run else {}
     for index, row in enumerate(plan.selected, start=1):
         if finished[row] or row in skipped:
             why = "finished earlier" if finished[row] else "cannot run here (see the warning above)"
@@ -158,7 +139,7 @@ def main(
         if plan.is_external(row):
             run_nnunet_row(output, plan, row, datasets)
         else:
-            _run_row(output, plan, row, datasets, encoders[row])
+            run_row(output, plan, row, datasets, encoders[row])
         write_tables(output, plan, warn=False, skipped=skipped)
     tables = write_tables(output, plan, skipped=skipped)
     logger.info("study written to %s", output)

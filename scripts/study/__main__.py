@@ -6,6 +6,8 @@ from scripts.cli import configure_logging
 
 from . import main
 
+__all__: list[str] = []
+
 if __name__ == "__main__":
     configure_logging()
     fire.Fire(main)

@@ -23,7 +23,7 @@ from scripts import nnunet_baseline
 from scripts.data.datalist import DATALIST_NAME
 
 from .plan import StudyPlan
-from .run import _fresh_row_dir, _scored, _write_done
+from .run import fresh_row_dir, scored_summary, write_done
 
 __all__ = ["run_nnunet_row", "unavailable_reason"]
 
@@ -48,7 +48,7 @@ def run_nnunet_row(
         output_dir: the study folder; the row's work goes to ``rows/<row>/`` (emptied first).
         plan: the study plan; ``plan.settings[row]["budget_minutes"]`` is the wall clock.
         row: the row's name (``nnunet``).
-        datasets: centre -> dataset folder (``dataset.json``), as :func:`scripts.study.run._prepare_data` made.
+        datasets: centre -> dataset folder (``dataset.json``), as :func:`scripts.study.run.prepare_data` made.
 
     Returns:
         the row's ``done.json`` record.
@@ -56,7 +56,7 @@ def run_nnunet_row(
     Raises:
         RuntimeError: a centre's scored n is not the size of its test split.
     """
-    row_dir = _fresh_row_dir(output_dir, row)
+    row_dir = fresh_row_dir(output_dir, row)
     train_centre = plan.config.train_centre
     tests = {centre: str(datasets[centre] / DATALIST_NAME) for centre in plan.config.test_centres}
     minutes = plan.settings[row]["budget_minutes"]
@@ -77,7 +77,7 @@ def run_nnunet_row(
     centres: dict[str, Any] = {}
     for centre in plan.config.test_centres:
         seconds = float(summary["test"][centre]["prediction_s"])
-        centres[centre] = _scored(row_dir / f"eval_{centre}", datasets[centre], seconds)
+        centres[centre] = scored_summary(row_dir / f"eval_{centre}", datasets[centre], seconds)
         aneurysm = centres[centre]["summary"]["classes"]["aneurysm"]["dice"]
         logger.info(
             "row %s, centre %s: aneurysm Dice %.3f ± %.3f over %d cases",
@@ -87,4 +87,4 @@ def run_nnunet_row(
             aneurysm["std"],
             centres[centre]["n_cases"],
         )
-    return _write_done(row_dir, plan, row, None, trained, centres)
+    return write_done(row_dir, plan, row, None, trained, centres)

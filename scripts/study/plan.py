@@ -25,11 +25,10 @@ from scripts.networks import DEFAULT_DINO_MODEL, EncoderProvenance, EncoderWeigh
 from scripts.networks import load_encoder as _load_encoder
 
 __all__ = [
+    "BUNDLE_ROOT",
+    "CONFIG_DIR",
     "DEFAULT_DINOV2_MODEL",
-    "EXTERNAL_ROWS",
     "STUDY_KEYS",
-    "Budget",
-    "StudyConfig",
     "StudyPlan",
     "check_encoders",
     "load_study_config",

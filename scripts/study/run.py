@@ -27,7 +27,17 @@ from scripts.networks import EncoderProvenance, count_parameters, recorded_encod
 
 from .plan import BUNDLE_ROOT, CONFIG_DIR, StudyPlan
 
-__all__ = ["dataset_seed", "evaluate_row", "train_row"]
+__all__ = [
+    "bind_output_dir",
+    "dataset_seed",
+    "finished_record",
+    "fresh_row_dir",
+    "prepare_data",
+    "run_row",
+    "scored_summary",
+    "train_row",
+    "write_done",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +67,17 @@ def _study_record(plan: StudyPlan) -> dict[str, Any]:
     }
 
 
-def _bind_output_dir(output_dir: Path, plan: StudyPlan, write: bool) -> None:
-    """Refuse an ``output_dir`` made for other data; write ``study.json`` when ``write``."""
+def bind_output_dir(output_dir: Path, plan: StudyPlan, write: bool) -> None:
+    """Refuse an ``output_dir`` made for other data; write ``study.json`` when ``write``.
+
+    Args:
+        output_dir: the study folder.
+        plan: the study's plan (budget cases, seed and dataset seeds are what binds the folder).
+        write: write ``study.json`` when the folder has none yet.
+
+    Raises:
+        ValueError: ``output_dir/study.json`` records other data.
+    """
     record = _study_record(plan)
     path = output_dir / "study.json"
     if path.is_file():
@@ -74,8 +93,16 @@ def _bind_output_dir(output_dir: Path, plan: StudyPlan, write: bool) -> None:
         write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
-def _prepare_data(output_dir: Path, plan: StudyPlan) -> dict[str, Path]:
-    """Generate (once) every centre's dataset; returns centre -> dataset folder."""
+def prepare_data(output_dir: Path, plan: StudyPlan) -> dict[str, Path]:
+    """Generate (once) every centre's dataset under ``output_dir/data/<centre>``.
+
+    Args:
+        output_dir: the study folder.
+        plan: the study's plan (centres, their case counts and the seed).
+
+    Returns:
+        centre -> dataset folder (``dataset.json`` + NIfTI).
+    """
     folders: dict[str, Path] = {}
     for centre in plan.config.centres:
         folder = output_dir / "data" / centre
@@ -162,11 +189,19 @@ def evaluate_row(
     seconds = time.perf_counter() - start
     del workflow
     gc.collect()
-    return _scored(eval_dir, dataset_dir, seconds)
+    return scored_summary(eval_dir, dataset_dir, seconds)
 
 
-def _scored(eval_dir: Path, dataset_dir: Path, seconds: float) -> dict[str, Any]:
+def scored_summary(eval_dir: Path, dataset_dir: Path, seconds: float) -> dict[str, Any]:
     """``eval_dir/summary.json`` with its n and seconds, once n is checked to be the test split's size.
+
+    Args:
+        eval_dir: an evaluation's folder (``summary.json``).
+        dataset_dir: the dataset it scored (``dataset.json``'s test split).
+        seconds: how long the evaluation took.
+
+    Returns:
+        ``{"n_cases", "eval_seconds", "summary"}``.
 
     Raises:
         RuntimeError: another number of cases was scored than ``dataset_dir``'s test split holds.
@@ -203,8 +238,16 @@ def _config_hashes(files: Sequence[Path]) -> dict[str, str]:
     }
 
 
-def _fresh_row_dir(output_dir: Path, row: str) -> Path:
-    """``rows/<row>/``, emptied: an unfinished (or outdated) run of the row is deleted, never continued."""
+def fresh_row_dir(output_dir: Path, row: str) -> Path:
+    """``rows/<row>/``, emptied: an unfinished (or outdated) run of the row is deleted, never continued.
+
+    Args:
+        output_dir: the study folder.
+        row: the row's name.
+
+    Returns:
+        the new, empty ``output_dir/rows/<row>``.
+    """
     row_dir = output_dir / "rows" / row
     if row_dir.exists():
         logger.info("row %s: removing its unfinished (or outdated) run in %s; redoing it", row, row_dir)
@@ -213,7 +256,7 @@ def _fresh_row_dir(output_dir: Path, row: str) -> Path:
     return row_dir
 
 
-def _write_done(
+def write_done(
     row_dir: Path,
     plan: StudyPlan,
     row: str,
@@ -221,12 +264,18 @@ def _write_done(
     trained: Mapping[str, Any],
     centres: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Write the row's ``done.json`` (last, atomically): what :func:`_finished` and the tables read back.
+    """Write the row's ``done.json`` (last, atomically): what :func:`finished_record` and the tables read back.
 
     Args:
+        row_dir: the row's folder.
+        plan: the study's plan (the row's budget, seed, settings and config files are recorded).
+        row: the row's name.
         encoder: the encoder read back from the scored checkpoint (None: no encoder).
         trained: ``train_seconds`` and ``trainable_params`` (None where unknown).
         centres: test centre -> ``n_cases``, ``eval_seconds`` and ``summary``.
+
+    Returns:
+        the record written.
     """
     files = plan.row_config_files(row)
     record = {
@@ -247,15 +296,30 @@ def _write_done(
     return record
 
 
-def _run_row(
+def run_row(
     output_dir: Path,
     plan: StudyPlan,
     row: str,
     datasets: Mapping[str, Path],
     expected_encoder: EncoderProvenance | None,
 ) -> dict[str, Any]:
-    """Train a row of ``train.yaml`` with overrides on the training centre, evaluate it on every test centre."""
-    row_dir = _fresh_row_dir(output_dir, row)
+    """Train a row of ``train.yaml`` with overrides on the training centre, evaluate it on every test centre.
+
+    Args:
+        output_dir: the study folder.
+        plan: the study's plan.
+        row: the row's name.
+        datasets: centre -> dataset folder, as :func:`prepare_data` made.
+        expected_encoder: the encoder :func:`scripts.study.plan.check_encoders` loaded for the row (None: no
+            encoder); the trained checkpoint must record the same one.
+
+    Returns:
+        the row's ``done.json`` record.
+
+    Raises:
+        RuntimeError: the checkpoint's encoder is not the expected one, or too few cases were scored.
+    """
+    row_dir = fresh_row_dir(output_dir, row)
     cache_dir = output_dir / "embedding_cache"
     settings = plan.settings[row]
     files = plan.train_files(row)
@@ -290,11 +354,21 @@ def _run_row(
             centres[centre]["n_cases"],
             centres[centre]["eval_seconds"],
         )
-    return _write_done(row_dir, plan, row, encoder, trained, centres)
+    return write_done(row_dir, plan, row, encoder, trained, centres)
 
 
-def _finished(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) -> dict[str, Any] | None:
-    """The row's ``done.json`` when it was made with this plan's settings, else None (``warn``: say why)."""
+def finished_record(output_dir: Path, plan: StudyPlan, row: str, warn: bool = True) -> dict[str, Any] | None:
+    """The row's ``done.json`` when it was made with this plan's settings, else None.
+
+    Args:
+        output_dir: the study folder.
+        plan: the study's plan; budget, seed, settings, config files and test centres must match.
+        row: the row's name.
+        warn: log why a finished row does not count, or that its config files changed. Default True.
+
+    Returns:
+        the ``done.json`` record, or None (not finished, unreadable, or other settings).
+    """
     path = output_dir / "rows" / row / "done.json"
     if not path.is_file():
         return None

@@ -19,7 +19,7 @@ from scripts.atomic_io import write_atomically
 from scripts.metrics import FAILURE_DICE_THRESHOLD, format_mean_std
 
 from .plan import StudyPlan
-from .run import _finished, dataset_seed
+from .run import dataset_seed, finished_record
 
 __all__ = ["CSV_COLUMNS", "write_tables"]
 
@@ -267,7 +267,7 @@ def write_tables(
     done = {
         row: rec
         for row in plan.config.all_rows
-        if (rec := _finished(output_dir, plan, row, warn)) is not None
+        if (rec := finished_record(output_dir, plan, row, warn)) is not None
     }
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
