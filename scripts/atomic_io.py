@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+__all__ = ["replace_atomically", "write_atomically"]
+
 
 def replace_atomically(
     path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp", durable: bool = True

@@ -72,7 +72,6 @@ from scripts.measurements import (
 from scripts.switches import check_switch
 
 __all__ = [
-    "FAILURE_KEY",
     "CaseDataset",
     "CasesFailed",
     "InferenceRun",
@@ -80,7 +79,6 @@ __all__ = [
     "WriteCaseOutputsd",
     "case_name",
     "collate_cases",
-    "describe_problem",
 ]
 
 logger = logging.getLogger(__name__)

@@ -59,6 +59,8 @@ from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.inferers import cpu_bf16_supported
 from scripts.networks import Dino3DRA
 
+__all__ = ["main"]
+
 GIB = 2**30
 GOAL_TRAIN_RATIO = 1.3  # warm-cache training step / plain U-Net step
 GOAL_INFER_RATIO = 2.0  # 256^3 inference time / plain U-Net time

@@ -27,6 +27,8 @@ import torch
 
 from scripts.atomic_io import replace_atomically
 
+__all__ = ["SliceEmbeddingCache"]
+
 logger = logging.getLogger(__name__)
 
 

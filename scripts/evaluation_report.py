@@ -56,12 +56,9 @@ from scripts.metrics import detection_counts, format_markdown_table, summarize
 
 __all__ = [
     "ANEURYSM_TABLE",
-    "CASE_SUFFIXES",
     "REPORT_FILE",
     "CaseAneurysms",
-    "aneurysm_rows",
     "compare_aneurysms",
-    "format_report",
     "write_case_aneurysms",
     "write_evaluation",
 ]

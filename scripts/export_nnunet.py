@@ -67,7 +67,7 @@ from scripts.data.datalist import bundle_datalist, load_split, resolve_datalist
 from scripts.data.validation import ValidateCased
 from scripts.switches import check_switch
 
-__all__ = ["NNUNET_LABELS", "ExportCase", "export_nnunet", "plan_cases"]
+__all__ = ["export_nnunet"]
 
 logger = logging.getLogger(__name__)
 

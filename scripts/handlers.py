@@ -25,6 +25,17 @@ from scripts.labels import ANEURYSM_LABEL
 from scripts.metrics import DEFAULT_CLASSES, case_metrics
 from scripts.switches import check_switch
 
+__all__ = [
+    "EmbeddingCacheStats",
+    "FinalValidation",
+    "ProgressLogger",
+    "ResumableCheckpoint",
+    "ResumeFrom",
+    "SeedEachEpoch",
+    "SegmentationMetricsWriter",
+    "class_output",
+]
+
 logger = logging.getLogger(__name__)
 
 

@@ -49,10 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_CLASSES",
     "FAILURE_DICE_THRESHOLD",
-    "METRICS",
     "MISSING_STRUCTURE_DISTANCE_MM",
     "SIZE_BINS",
-    "STATUSES",
     "case_metrics",
     "class_metrics",
     "detection_counts",

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+__all__ = ["link_test_cases", "main", "require_nnunet", "run_nnunet", "train_for"]
+
 logger = logging.getLogger(__name__)
 
 CONFIGURATION = "3d_fullres"

@@ -82,12 +82,8 @@ __all__ = [
     "BUNDLE_NAME",
     "ReleaseCheckError",
     "bundle_files",
-    "check_bundle",
-    "large_files_yaml",
     "release",
-    "released_dino_model",
     "releases_torchscript",
-    "write_zip",
 ]
 
 logger = logging.getLogger(__name__)

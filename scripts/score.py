@@ -43,12 +43,9 @@ from scripts.metrics import DEFAULT_CLASSES, MISSING_STRUCTURE_DISTANCE_MM, case
 
 __all__ = [
     "AFFINE_ATOL_MM",
-    "LabelVolume",
     "find_cases",
     "match_predictions",
-    "read_label_volume",
     "score",
-    "score_case",
 ]
 
 logger = logging.getLogger(__name__)

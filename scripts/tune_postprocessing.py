@@ -31,7 +31,7 @@ from scripts.data.datalist import load_split
 from scripts.postprocessing import clean_segmentation
 from scripts.selection_metric import case_score
 
-__all__ = ["GRID", "main", "tune"]
+__all__ = ["main", "tune"]
 
 logger = logging.getLogger(__name__)
 

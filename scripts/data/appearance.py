@@ -35,13 +35,6 @@ __all__ = [
     "BONE_KINDS",
     "TEXTURE_KINDS",
     "UNIT_KINDS",
-    "BoneSpec",
-    "StreakSpec",
-    "add_noise",
-    "add_streaks",
-    "bone_layer",
-    "correlated_noise",
-    "gain_field",
     "render_intensity",
 ]
 

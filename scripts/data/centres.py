@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["CENTRES", "DEFAULT_CENTRE", "Centre", "get_centre"]
+__all__ = ["CENTRES", "Centre", "get_centre"]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, SpatialCrop
 from monai.transforms.traits import MultiSampleTrait
 
+__all__ = ["CacheAlignedRandCropByLabelClassesd", "aligned_starts", "empty_window_starts"]
+
 
 def aligned_starts(size: int, roi: int, grid: int) -> np.ndarray:
     """Allowed crop starts along one axis: multiples of ``grid`` plus the last valid start ``size - roi``."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from scripts.data.dicom import dicom_files
 
+__all__ = ["DATALIST_NAME", "bundle_datalist", "inference_inputs", "load_split", "resolve_datalist"]
+
 logger = logging.getLogger(__name__)
 
 DATALIST_NAME = "dataset.json"

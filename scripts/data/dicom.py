@@ -28,7 +28,7 @@ from monai.data import ImageReader, NibabelReader, PydicomReader
 from monai.utils import ensure_tuple
 from pydicom.misc import is_dicom
 
-__all__ = ["DicomSeriesReader", "VolumeReader", "check_series", "dicom_files"]
+__all__ = ["DicomSeriesReader", "VolumeReader", "dicom_files"]
 
 logger = logging.getLogger(__name__)
 

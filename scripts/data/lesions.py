@@ -40,7 +40,6 @@ __all__ = [
     "HardNegative",
     "place_aneurysms",
     "place_hard_negatives",
-    "sample_aneurysm_size",
 ]
 
 logger = logging.getLogger(__name__)

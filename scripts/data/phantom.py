@@ -33,7 +33,6 @@ __all__ = [
     "GENERATOR_VERSION",
     "LABELS",
     "Phantom",
-    "PhantomGeometry",
     "generate_case",
     "generate_geometry",
     "local_diameter",

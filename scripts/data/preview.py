@@ -15,7 +15,6 @@ from scripts.labels import ANEURYSM_LABEL, VESSEL_LABEL
 __all__ = [
     "COMPARISON_GAP",
     "render_oriented_preview",
-    "render_preview",
     "save_oriented_comparison",
     "save_oriented_preview",
     "save_preview",

@@ -35,7 +35,7 @@ from .centres import Centre, get_centre
 from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine, render_background_only
 from .preview import save_preview
 
-__all__ = ["case_seed", "dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]
+__all__ = ["dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from monai.transforms import MapTransform
 
 from scripts.labels import LABEL_NAMES
 
+__all__ = ["ValidateCased"]
+
 
 def _source(item: Any) -> str:
     meta = getattr(item, "meta", {}) or {}

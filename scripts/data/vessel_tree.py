@@ -36,11 +36,8 @@ import numpy as np
 from .vectors import perpendicular, rotate, unit
 
 __all__ = [
+    "MAX_RADIUS_MM",
     "TEMPLATES",
-    "Bifurcation",
-    "Crossing",
-    "Landmark",
-    "Loop",
     "Tube",
     "VesselTree",
     "grow_vessel_tree",

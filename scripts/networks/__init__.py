@@ -2,7 +2,6 @@
 
 from .checkpoint import load_network_weights, read_network_state, recorded_encoder
 from .dino_3dra import Dino3DRA, count_parameters
-from .dino_path import DinoPath
 from .encoder_weights import (
     DEFAULT_DINO_MODEL,
     EncoderMismatchError,
@@ -19,7 +18,6 @@ __all__ = [
     "AdditiveFusion",
     "CalibratedFusion",
     "Dino3DRA",
-    "DinoPath",
     "EncoderMismatchError",
     "EncoderProvenance",
     "EncoderWeightsError",

@@ -16,6 +16,8 @@ from torch import nn
 
 from .encoder_weights import EncoderMismatchError, EncoderWeightsError, read_state_file
 
+__all__ = ["load_network_weights", "read_network_state", "recorded_encoder"]
+
 
 def read_network_state(checkpoint: str | os.PathLike) -> Mapping[str, Any]:
     """The network's state dict in ``checkpoint``, read on the CPU.

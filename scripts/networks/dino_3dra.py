@@ -18,6 +18,8 @@ from .encoder_weights import DEFAULT_DINO_MODEL
 from .fusion import AdditiveFusion, CalibratedFusion
 from .slice_encoder import EmbeddingCache, SliceEncoder
 
+__all__ = ["Dino3DRA", "count_parameters"]
+
 logger = logging.getLogger(__name__)
 
 NUM_DINO_SKIPS = 3

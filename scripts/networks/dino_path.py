@@ -12,6 +12,8 @@ from .room_lite import RoomLite
 from .slice_encoder import SliceEncoder
 from .slice_profile import SliceProfile
 
+__all__ = ["DinoPath"]
+
 
 class DinoPath(nn.Module):
     """Turn per-slice embeddings into one feature volume per skip scale.

@@ -41,6 +41,18 @@ from transformers import (
     PreTrainedModel,
 )
 
+__all__ = [
+    "DEFAULT_DINO_MODEL",
+    "NOT_IDENTITY_FIELDS",
+    "EncoderMismatchError",
+    "EncoderProvenance",
+    "EncoderWeightsError",
+    "load_encoder",
+    "looks_like_hub_id",
+    "random_seed_of",
+    "read_state_file",
+]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DINO_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"

@@ -10,6 +10,8 @@ from torch import nn
 
 from .slice_profile import SliceProfile, group_norm
 
+__all__ = ["AdditiveFusion", "CalibratedFusion"]
+
 
 class CalibratedFusion(nn.Module):
     """Calibrated residual fusion: ``F = F_U + act(GN(W [F_U; GN_D(F_D)]))``.

@@ -12,6 +12,8 @@ from torch import nn
 
 from .slice_profile import SliceProfile, group_norm
 
+__all__ = ["RoomLite"]
+
 
 class RoomLite(nn.Module):
     """``Y = X + act(GN(Conv1x1(DWConv3x3x3(X + B(z)))))`` with a learnable depth bias ``B(z)``.

@@ -13,6 +13,8 @@ from torch import nn
 
 from .encoder_weights import DEFAULT_DINO_MODEL, EncoderProvenance, load_encoder
 
+__all__ = ["EmbeddingCache", "SliceEncoder"]
+
 logger = logging.getLogger(__name__)
 
 # Bump when the slice preprocessing changes, so cached embeddings made the old way are never reused.

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+__all__ = ["SliceProfile", "group_norm"]
+
 BORDER_CLASSES = 3  # first row, interior rows, last row
 
 
