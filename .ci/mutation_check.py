@@ -184,21 +184,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "scripts/networks/fusion.py",
         "return unet + self.act(self.norm(mixed))",
         "return self.act(self.norm(mixed))",
-        ("tests/networks/test_slice_profile.py",),
+        ("tests/networks/test_fusion.py",),
     ),
     Mutation(
         "fusion_reads_unet_weights_for_dino",
         "scripts/networks/fusion.py",
         "group_norm(dino, self.dino_norm).values, self.mix.weight[:, channels:], self.mix.bias",
         "group_norm(dino, self.dino_norm).values, self.mix.weight[:, :channels], self.mix.bias",
-        ("tests/networks/test_slice_profile.py",),
+        ("tests/networks/test_fusion.py",),
     ),
     Mutation(
         "room_lite_without_depth_bias",
         "scripts/networks/room_lite.py",
         "SliceProfile.from_slices(x + bias, shape, self.slice_axis)",
         "SliceProfile.from_slices(x, shape, self.slice_axis)",
-        ("tests/networks/test_slice_profile.py",),
+        ("tests/networks/test_room_lite.py",),
     ),
     # validation of inputs
     Mutation(

@@ -264,7 +264,7 @@ def write_done(
     trained: Mapping[str, Any],
     centres: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Write the row's ``done.json`` (last, atomically): what :func:`finished_record` and the tables read back.
+    """Write the row's ``done.json`` (last, atomically), which :func:`finished_record` and the tables read.
 
     Args:
         row_dir: the row's folder.
