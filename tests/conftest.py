@@ -1,4 +1,20 @@
-"""Shared fixtures. The repository root is the bundle root and must be importable as ``scripts``."""
+"""Shared fixtures. The repository root is the bundle root and must be importable as ``scripts``.
+
+The tests mirror the package: ``tests/<subpackage>/test_<module>.py`` tests
+``scripts/<subpackage>/<module>.py`` (``tests/test_handlers.py`` for ``scripts/handlers.py``,
+``tests/data/test_crops.py`` for ``scripts/data/crops.py``). Modules tested only through others:
+
+* ``scripts/data/vessel_tree.py``, ``lesions.py``: ``tests/data/test_anatomy.py`` (whole geometries);
+* ``scripts/networks/dino_path.py``: ``tests/networks/test_dino_3dra.py`` (the network it is a path of);
+* ``scripts/labels.py``, ``selection_metric.py``, ``switches.py``: ``tests/test_bundle.py`` (the configs
+  that use them) and the tests of the modules that import them;
+* ``scripts/study/`` (plan, run, nnunet, tables): ``tests/test_study.py``, through the study's ``main``.
+
+Tests of the bundle as a whole: ``test_bundle.py`` (every config), ``test_geometry.py`` (inference and
+evaluation on a scan with a known answer), ``test_public_names.py`` (``__all__``), ``test_style.py`` (ruff),
+``test_mutation_check.py`` (``.ci/mutation_check.py``). Helpers shared by several test modules live here or
+beside them (``tests/networks/profile_cases.py``, ``tests/networks/dinov3_vits16_layout.py``).
+"""
 
 from __future__ import annotations
 
@@ -89,3 +105,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
         entries[split] = [{"image": f"images/{name}", "label": f"labels/{name}"}]
     (root / "dataset.json").write_text(json.dumps(entries))
     return root
+
+
+def postprocessing_scene():
+    """(30, 30, 30) uint8 label: a vessel with an aneurysm, a small aneurysm, a detached one and a speck."""
+    import numpy as np
+
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[2:28, 14:17, 14:17] = 1  # vessel
+    label[10:15, 17:22, 13:18] = 2  # aneurysm on it: 125 voxels
+    label[20:22, 17:19, 14:16] = 2  # small aneurysm on it: 8 voxels
+    label[2:6, 2:6, 2:6] = 2  # detached aneurysm: 64 voxels
+    label[25, 25, 25] = 1  # one-voxel vessel speck
+    return label

@@ -112,7 +112,10 @@ def _attribute_use(node: ast.Attribute, modules: dict[str, str]) -> Iterator[tup
 
 
 def _config_names(path: Path) -> Iterator[tuple[str, str]]:
-    """``(module, name)`` for each ``scripts.x.Y`` a config builds or calls, and each ``$from scripts.x import Y``."""
+    """``(module, name)`` for each name a config takes from ``scripts``.
+
+    Both ``scripts.x.Y`` (``_target_``, ``$scripts.x.Y(...)``) and ``$from scripts.x import Y``.
+    """
     text = path.read_text()
     for match in re.finditer(r"from (scripts(?:\.\w+)*) import ([\w, ]+)", text):
         yield from ((match.group(1), name.strip()) for name in match.group(2).split(","))

@@ -1,5 +1,9 @@
 """Anatomy of the synthetic phantoms against published cerebral-artery morphometry (docs/phantoms.md).
 
+These checks cover the vessel trees (``scripts.data.vessel_tree``) and the aneurysms and look-alikes placed
+on them (``scripts.data.lesions``) together, through ``generate_geometry``: the statistics are of whole
+geometries, so the two modules have no test files of their own.
+
 Geometry only (``generate_geometry``, no voxels) except where labels are the point; fixed seeds, so each
 check is deterministic.
 """
@@ -13,6 +17,7 @@ import pytest
 from scipy import ndimage
 
 from scripts.data import LOCATIONS, TEMPLATES, generate_geometry, get_centre, local_diameter, render_labels
+from scripts.data.vessel_tree import MAX_RADIUS_MM
 
 N_CASES = 50
 
@@ -213,3 +218,49 @@ def test_geometry_is_deterministic():
     a, b = generate_geometry(7), generate_geometry(7)
     assert a.info() == b.info()
     assert generate_geometry(8).info() != a.info()
+
+
+# ------------------------------------------------------------------------- counts over 50 cases
+def test_aneurysm_counts_and_sizes_over_50_cases(geometries):
+    centre = get_centre("A")
+    counts = np.bincount([len(g.aneurysms) for g in geometries], minlength=3)
+    assert len(counts) == 3, "at most two aneurysms per case"
+    assert 0.04 <= counts[0] / 50 <= 0.30, f"cases without aneurysm: {counts}"
+    assert 0.08 <= counts[2] / 50 <= 0.36, f"cases with two aneurysms: {counts}"
+    sizes = np.array([a.size_mm for g in geometries for a in g.aneurysms])
+    assert np.all((sizes >= centre.aneurysm_min_mm) & (sizes <= centre.aneurysm_max_mm))
+    assert np.mean(sizes <= 10.0) >= 0.8, "most aneurysms are 1.5-10 mm"
+    assert sizes.max() > 8.0 and np.median(sizes) > 4.0
+    kinds = {a.kind for g in geometries for a in g.aneurysms}
+    assert kinds == {"bifurcation", "sidewall"}
+    for g in geometries:
+        extent = (np.asarray(g.centre.shape) - 1) * g.spacing
+        for a in g.aneurysms:
+            assert a.width_mm <= a.size_mm and a.neck_mm <= 8.0
+            assert 0.75 <= a.dome_neck_ratio <= 4.0, f"dome/neck {a.dome_neck_ratio:.2f}"
+            assert np.all(a.dome_centre - a.reach >= 0) and np.all(a.dome_centre + a.reach <= extent)
+    assert any(a.neck_mm >= a.width_mm for g in geometries for a in g.aneurysms), "domes no wider than necks"
+    assert any(a.lobes for g in geometries for a in g.aneurysms), "multi-lobed domes"
+    assert any(a.daughters for g in geometries for a in g.aneurysms), "daughter sacs"
+
+
+def test_trees_and_hard_negatives_over_50_cases(geometries):
+    kinds = {n.kind for g in geometries for n in g.hard_negatives}
+    assert {"infundibulum", "fusiform_bulge", "wall_bump", "overlapping_loop", "siphon_bend"} <= kinds
+    assert all(g.hard_negatives for g in geometries)
+    radii = np.concatenate(
+        [t.radii for g in geometries for t in g.tree.tubes if t.kind in ("trunk", "branch", "side")]
+    )
+    assert 2.2 <= radii.max() <= MAX_RADIUS_MM and np.percentile(radii, 1) >= 0.3
+    assert np.mean([len(g.tree.bifurcations) for g in geometries]) >= 3
+    assert np.mean([len(g.tree.crossings) > 0 for g in geometries]) > 0.5, "vessels passing close by"
+    # long stretches along Z: in most trees some tube runs within 25 degrees of Z for >= 5 mm
+    along_z = 0
+    for g in geometries:
+        found = False
+        for tube in g.tree.tubes:
+            steep = np.abs(tube.tangents[:, 2]) > np.cos(np.deg2rad(25))
+            run = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], steep.astype(int), [0]]))))[::2]
+            found = found or (run.size > 0 and run.max() * 0.6 >= 5.0)
+        along_z += found
+    assert along_z >= 40

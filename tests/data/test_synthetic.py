@@ -1,4 +1,8 @@
-"""The synthetic 3DRA generator and dataset writer: determinism, labels, geometry, layout, command line."""
+"""The dataset writer (``scripts.data.synthetic``): splits, layout, dataset.json, reuse, command line.
+
+The phantoms it writes are checked in ``test_phantom.py`` (cases), ``test_anatomy.py`` (geometry against
+morphometry), ``test_appearance.py``, ``test_centres.py``, ``test_raster.py`` and ``test_preview.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,39 +17,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
-from scipy import ndimage
 
-from scripts.data import (
-    CENTRES,
-    DistanceField,
-    generate_case,
-    generate_geometry,
-    get_centre,
-    occupancy,
-    phantom_affine,
-    save_preview,
-    synthetic,
-)
+from scripts.data import generate_case, get_centre, phantom_affine, synthetic
 from scripts.data.synthetic import ensure_dataset, split_sizes, write_dataset
-from scripts.data.vessel_tree import MAX_RADIUS_MM
 
 ROOT = Path(__file__).resolve().parents[2]
-SEEDS = [0, 1, 2, 3, 4, 5]
-# look-alikes that must stay below aneurysm size: a wall bump below the smallest dome, an infundibulum < 3 mm
-SMALL_LOOKALIKES = {"wall_bump": get_centre("A").aneurysm_min_mm, "infundibulum": 3.0}
 KEYS = ["training", "validation", "test"]
-
-
-@pytest.fixture(scope="module")
-def cases():
-    """A handful of default-centre cases, rendered once."""
-    return {seed: generate_case(seed) for seed in SEEDS}
-
-
-@pytest.fixture(scope="module")
-def geometries():
-    """Geometry (no voxels) of 50 default-centre cases, for distribution checks."""
-    return [generate_geometry(seed) for seed in range(50)]
 
 
 @pytest.fixture(scope="module")
@@ -54,207 +31,6 @@ def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dataset")
     path = write_dataset(str(folder), num_cases=3, seed=7, centre="A", previews=1)
     return folder, path
-
-
-def _ball(label: np.ndarray, centre_voxel, radius_mm: float, spacing) -> np.ndarray:
-    """Label values inside a ball of ``radius_mm`` around ``centre_voxel``."""
-    spacing = np.asarray(spacing)
-    centre = np.asarray(centre_voxel)
-    reach = np.ceil(radius_mm / spacing).astype(int)
-    low = np.maximum(centre - reach, 0)
-    high = np.minimum(centre + reach + 1, label.shape)
-    grids = np.meshgrid(*[np.arange(lo, hi) for lo, hi in zip(low, high, strict=True)], indexing="ij")
-    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing, strict=True)))
-    return label[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))][dist <= radius_mm]
-
-
-# ------------------------------------------------------------------------------------------- generator
-def test_same_seed_same_case_different_seed_different_case(cases):
-    again = generate_case(SEEDS[1])
-    np.testing.assert_array_equal(again.image, cases[SEEDS[1]].image)
-    np.testing.assert_array_equal(again.label, cases[SEEDS[1]].label)
-    assert again.info == cases[SEEDS[1]].info
-    other = cases[SEEDS[2]]
-    assert not np.array_equal(other.image, again.image)
-    assert not np.array_equal(other.label, again.label)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_arrays_labels_and_affine(cases, seed):
-    case = cases[seed]
-    centre = get_centre("A")
-    assert case.image.shape == case.label.shape == centre.shape
-    assert case.image.dtype == np.float32 and case.label.dtype == np.uint8
-    assert set(np.unique(case.label).tolist()) <= {0, 1, 2}
-    assert (case.label == 1).sum() > 1000, "a vessel tree must be visible"
-    assert ((case.label == 2).sum() > 0) == (case.info["num_aneurysms"] > 0)
-    assert case.spacing == centre.spacing
-    np.testing.assert_allclose(case.affine, phantom_affine(centre.shape, centre.spacing))
-    np.testing.assert_allclose(np.diag(case.affine)[:3], centre.spacing)
-    assert np.all(np.isfinite(case.image))
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_every_aneurysm_component_touches_vessel(cases, seed):
-    label = cases[seed].label
-    components, count = ndimage.label(label == 2, structure=np.ones((3, 3, 3)))
-    near_vessel = ndimage.binary_dilation(label == 1, structure=np.ones((3, 3, 3)))
-    for index in range(1, count + 1):
-        assert near_vessel[components == index].any(), f"seed {seed}: aneurysm component {index} floats"
-    for record in cases[seed].info["aneurysms"]:
-        assert record["voxels"] > 20, f"seed {seed}: aneurysm {record} barely drawn"
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_hard_negatives_are_labelled_vessel(cases, seed):
-    case = cases[seed]
-    negatives = case.info["hard_negatives"]
-    assert negatives, f"seed {seed}: no hard negative"
-    for neg in negatives:
-        if neg["kind"] in SMALL_LOOKALIKES:  # the others are normal vessels: wide, curved or branching
-            assert neg["size_mm"] < SMALL_LOOKALIKES[neg["kind"]], f"seed {seed}: {neg} is aneurysm-sized"
-        assert case.label[tuple(neg["centre_voxel"])] == 1, f"seed {seed}: {neg} is not vessel"
-        values = _ball(case.label, neg["centre_voxel"], neg["radius_mm"], case.spacing)
-        assert not np.any(values == 2), f"seed {seed}: {neg} overlaps an aneurysm label"
-
-
-def test_partial_volume_at_the_lumen_boundary(cases):
-    """Rendered from a signed distance: boundary voxels are darker than the lumen core, brighter than tissue."""
-    case = cases[SEEDS[0]]
-    vessel = case.label > 0
-    core = ndimage.binary_erosion(vessel, iterations=2)
-    rim = vessel & ~ndimage.binary_erosion(vessel)
-    outside = ~ndimage.binary_dilation(vessel, iterations=4)
-    units = case.info["appearance"]["units"]
-    canonical = (case.image - units["offset"]) / units["scale"]  # back to AU, whatever units were drawn
-    core_i, rim_i, bg_i = (float(np.median(canonical[m])) for m in (core, rim, outside))
-    assert bg_i + 0.2 * (core_i - bg_i) < rim_i < core_i - 0.1 * (core_i - bg_i)
-    assert 600 < core_i < 2100 and bg_i < 0.5 * core_i
-
-
-def test_distance_field_and_occupancy():
-    field = DistanceField((20, 20, 20), (0.5, 0.5, 0.5))
-    field.add_capsule(np.array([5.0, 5.0, 2.0]), np.array([5.0, 5.0, 8.0]), 1.0, 1.0, value=0.8)
-    # voxel (10, 12, 10) sits 1 mm from the axis: on the surface
-    assert field.distance[10, 12, 10] == pytest.approx(0.0, abs=1e-5)
-    assert field.distance[10, 10, 10] == pytest.approx(-1.0, abs=1e-5)
-    assert field.value[10, 10, 10] == pytest.approx(0.8)
-    occ = occupancy(field.distance, (0.5, 0.5, 0.5))
-    assert occ[10, 10, 10] == 1.0 and occ[0, 0, 0] == 0.0 and occ[10, 12, 10] == pytest.approx(0.5)
-
-
-# -------------------------------------------------------------------------------------- distributions
-def test_aneurysm_counts_and_sizes_over_50_cases(geometries):
-    centre = get_centre("A")
-    counts = np.bincount([len(g.aneurysms) for g in geometries], minlength=3)
-    assert len(counts) == 3, "at most two aneurysms per case"
-    assert 0.04 <= counts[0] / 50 <= 0.30, f"cases without aneurysm: {counts}"
-    assert 0.08 <= counts[2] / 50 <= 0.36, f"cases with two aneurysms: {counts}"
-    sizes = np.array([a.size_mm for g in geometries for a in g.aneurysms])
-    assert np.all((sizes >= centre.aneurysm_min_mm) & (sizes <= centre.aneurysm_max_mm))
-    assert np.mean(sizes <= 10.0) >= 0.8, "most aneurysms are 1.5-10 mm"
-    assert sizes.max() > 8.0 and np.median(sizes) > 4.0
-    kinds = {a.kind for g in geometries for a in g.aneurysms}
-    assert kinds == {"bifurcation", "sidewall"}
-    for g in geometries:
-        extent = (np.asarray(g.centre.shape) - 1) * g.spacing
-        for a in g.aneurysms:
-            assert a.width_mm <= a.size_mm and a.neck_mm <= 8.0
-            assert 0.75 <= a.dome_neck_ratio <= 4.0, f"dome/neck {a.dome_neck_ratio:.2f}"
-            assert np.all(a.dome_centre - a.reach >= 0) and np.all(a.dome_centre + a.reach <= extent)
-    assert any(a.neck_mm >= a.width_mm for g in geometries for a in g.aneurysms), "domes no wider than necks"
-    assert any(a.lobes for g in geometries for a in g.aneurysms), "multi-lobed domes"
-    assert any(a.daughters for g in geometries for a in g.aneurysms), "daughter sacs"
-
-
-def test_trees_and_hard_negatives_over_50_cases(geometries):
-    kinds = {n.kind for g in geometries for n in g.hard_negatives}
-    assert {"infundibulum", "fusiform_bulge", "wall_bump", "overlapping_loop", "siphon_bend"} <= kinds
-    assert all(g.hard_negatives for g in geometries)
-    radii = np.concatenate(
-        [t.radii for g in geometries for t in g.tree.tubes if t.kind in ("trunk", "branch", "side")]
-    )
-    assert 2.2 <= radii.max() <= MAX_RADIUS_MM and np.percentile(radii, 1) >= 0.3
-    assert np.mean([len(g.tree.bifurcations) for g in geometries]) >= 3
-    assert np.mean([len(g.tree.crossings) > 0 for g in geometries]) > 0.5, "vessels passing close by"
-    # long stretches along Z: in most trees some tube runs within 25 degrees of Z for >= 5 mm
-    along_z = 0
-    for g in geometries:
-        found = False
-        for tube in g.tree.tubes:
-            steep = np.abs(tube.tangents[:, 2]) > np.cos(np.deg2rad(25))
-            run = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], steep.astype(int), [0]]))))[::2]
-            found = found or (run.size > 0 and run.max() * 0.6 >= 5.0)
-        along_z += found
-    assert along_z >= 40
-
-
-def test_centres_differ_measurably():
-    stats = {}
-    for name in CENTRES:
-        case = generate_case(11, name)
-        far = ~ndimage.binary_dilation(case.label > 0, iterations=4)
-        lumen = case.image[ndimage.binary_erosion(case.label > 0, iterations=2)]
-        # noise from neighbour differences (the smooth background cancels out)
-        step = np.diff(case.image, axis=0)[far[1:] & far[:-1]]
-        stats[name] = {
-            "spacing": case.spacing,
-            "fov": tuple(n * s for n, s in zip(case.image.shape, case.spacing, strict=True)),
-            "noise": float(np.std(step) / np.sqrt(2)),
-            "contrast": float(np.median(lumen) - np.median(case.image[far])),
-        }
-    assert len({s["spacing"] for s in stats.values()}) == 3
-    assert stats["B"]["spacing"][2] > stats["B"]["spacing"][0], "B has thicker slices"
-    assert min(stats["B"]["fov"]) > max(stats["A"]["fov"])
-    # units differ per case: B is noisier relative to its own contrast (test_appearance checks more seeds)
-    assert stats["B"]["noise"] / stats["B"]["contrast"] > stats["A"]["noise"] / stats["A"]["contrast"]
-    sizes = {
-        n: np.mean([a.size_mm for s in range(25) for a in generate_geometry(s, n).aneurysms]) for n in "AC"
-    }
-    assert sizes["C"] > sizes["A"] + 1.0, "centre C has larger aneurysms"
-
-
-@pytest.mark.parametrize(
-    "call", [lambda: get_centre("Z"), lambda: generate_case(0, "nope"), lambda: generate_geometry(0, "a")]
-)
-def test_unknown_centre_raises(call):
-    with pytest.raises(ValueError, match="known centres: \\['A', 'B', 'C'\\]"):
-        call()
-
-
-@pytest.mark.parametrize("seed", [-1, 1.5, "3"])
-def test_bad_seed_raises(seed):
-    with pytest.raises(ValueError, match="seed"):
-        generate_geometry(seed)
-
-
-def test_centre_validates_its_fields():
-    with pytest.raises(ValueError, match="aneurysm_count_probs"):
-        dataclasses.replace(get_centre("A"), aneurysm_count_probs=(0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match="spacing"):
-        dataclasses.replace(get_centre("A"), spacing=(0.4, 0.0, 0.4))
-
-
-def test_small_custom_centre_works():
-    small = dataclasses.replace(get_centre("A"), shape=(64, 64, 64))
-    case = generate_case(2, small)
-    assert case.image.shape == (64, 64, 64) and case.info["centre"] == "A"
-
-
-def test_preview_png(cases, tmp_path):
-    case = next(c for c in cases.values() if c.info["num_aneurysms"])
-    middle = tuple(n // 2 for n in case.image.shape)
-    path = save_preview(
-        case.image, case.label, case.spacing, tmp_path / "p.png", scale=2.0, markers=[(middle, 3.0)]
-    )
-    from PIL import Image
-
-    with Image.open(path) as png:
-        fov = case.image.shape[0] * case.spacing[0] * 2.0
-        assert png.width >= 3 * int(fov) and png.height >= 2 * int(fov)
-        rgb = np.asarray(png.convert("RGB")).reshape(-1, 3)
-    assert np.any((rgb[:, 0] > 200) & (rgb[:, 1] < 100)), "aneurysm overlay in red"
-    assert np.any(np.all(rgb == (255, 230, 0), axis=1)), "marker circled in yellow"
 
 
 # ------------------------------------------------------------------------------------------- datasets
