@@ -188,7 +188,7 @@ def test_command_line_writes_the_layout(tmp_path):
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "previews"):
         assert any((out / sub).iterdir()), sub
     assert (out / "dataset.json").is_file()
-    assert "case 3/3" in result.stderr
+    assert "case 3/3" in result.stdout  # progress logged through configs/logging.conf (a stdout handler)
     for key in KEYS:
         assert load_decathlon_datalist(str(out / "dataset.json"), data_list_key=key, base_dir=str(out))
 
