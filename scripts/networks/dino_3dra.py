@@ -11,6 +11,7 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
+from scripts.labels import NUM_CLASSES
 from scripts.switches import check_switch
 
 from .dino_path import DinoPath
@@ -51,7 +52,7 @@ class Dino3DRA(nn.Module):
     Args:
         spatial_dims: must be 3.
         in_channels: input channels. Default 1.
-        out_channels: classes (0 background, 1 vessel, 2 aneurysm). Default 3.
+        out_channels: classes. Default :data:`scripts.labels.NUM_CLASSES` (0 background, 1 vessel, 2 aneurysm).
         channels: features per level, finest first; the first three are the fused skips. Default
             ``(24, 48, 96, 320)``.
         act: U-Net activation spec. Default LeakyReLU(0.01).
@@ -80,7 +81,7 @@ class Dino3DRA(nn.Module):
         self,
         spatial_dims: int = 3,
         in_channels: int = 1,
-        out_channels: int = 3,
+        out_channels: int = NUM_CLASSES,
         channels: Sequence[int] = (24, 48, 96, 320),
         act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
         norm: str | tuple = ("instance", {"affine": True}),
@@ -101,24 +102,13 @@ class Dino3DRA(nn.Module):
         embedding_cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
-        if spatial_dims != 3:
-            raise ValueError(f"Dino3DRA is a 3D network, got spatial_dims={spatial_dims}.")
-        if len(channels) < NUM_DINO_SKIPS + 1:
-            raise ValueError(f"channels needs at least {NUM_DINO_SKIPS + 1} levels, got {tuple(channels)}.")
-        if len(roi_size) != 3:
-            raise ValueError(f"roi_size must have 3 entries, got {tuple(roi_size)}.")
-        for name, value in (
-            ("use_dino", use_dino),
-            ("use_room_lite", use_room_lite),
-            ("use_calibration", use_calibration),
-        ):
-            check_switch(name, value)
-        levels_below = len(channels) - 2
-        if isinstance(deep_supervision, bool) or deep_supervision not in range(levels_below + 1):
-            raise ValueError(
-                f"deep_supervision must be an int from 0 to {levels_below} (heads below full resolution for "
-                f"{len(channels)} levels), got {deep_supervision!r}."
-            )
+        _check_arguments(
+            spatial_dims,
+            channels,
+            roi_size,
+            {"use_dino": use_dino, "use_room_lite": use_room_lite, "use_calibration": use_calibration},
+            deep_supervision,
+        )
         self.in_channels = in_channels
         self.divisor = 2 ** (len(channels) - 1)
 
@@ -209,6 +199,30 @@ class Dino3DRA(nn.Module):
             )
         if not torch.isfinite(x).all():
             raise ValueError("Input contains NaN or infinite values.")
+
+
+def _check_arguments(
+    spatial_dims: int,
+    channels: Sequence[int],
+    roi_size: Sequence[int],
+    switches: dict[str, Any],
+    deep_supervision: int,
+) -> None:
+    """Raise ValueError naming the first argument of :class:`Dino3DRA` that it cannot be built with."""
+    if spatial_dims != 3:
+        raise ValueError(f"Dino3DRA is a 3D network, got spatial_dims={spatial_dims}.")
+    if len(channels) < NUM_DINO_SKIPS + 1:
+        raise ValueError(f"channels needs at least {NUM_DINO_SKIPS + 1} levels, got {tuple(channels)}.")
+    if len(roi_size) != 3:
+        raise ValueError(f"roi_size must have 3 entries, got {tuple(roi_size)}.")
+    for name, value in switches.items():
+        check_switch(name, value)
+    levels_below = len(channels) - 2
+    if isinstance(deep_supervision, bool) or deep_supervision not in range(levels_below + 1):
+        raise ValueError(
+            f"deep_supervision must be an int from 0 to {levels_below} (heads below full resolution for "
+            f"{len(channels)} levels), got {deep_supervision!r}."
+        )
 
 
 def count_parameters(network: Dino3DRA) -> dict[str, int]:
