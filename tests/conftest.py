@@ -27,6 +27,34 @@ if str(BUNDLE_ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def bundle_workflow(config_file, workflow_type: str, **overrides):
+    """A ``monai.bundle.ConfigWorkflow`` of this bundle's configs with its metadata and logging.conf, as
+    ``python -m monai.bundle run`` builds it; ``overrides`` as on its command line."""
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=config_file,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+
+
+def run_workflow(workflow, check_properties: bool = True):
+    """Initialize, check the bundle's required properties (MONAI's list for the workflow type, unless
+    ``check_properties`` is False), run and finalize a workflow; return it."""
+    workflow.initialize()
+    if check_properties:
+        assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
 # A DINOv3 ViT small enough for CPU tests: 2 layers, hidden 64, one 64-wide head, 4 registers.
 TINY_DINOV3 = {
     "hidden_size": 64,

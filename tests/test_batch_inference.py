@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, bundle_workflow
+from monai.bundle import ConfigParser
 from PIL import Image
 from test_geometry import IntensityThreshold
 
@@ -79,11 +79,9 @@ def inputs(tmp_path_factory) -> Path:
 
 def infer(inputs: Path, output_dir: Path, **overrides) -> CasesFailed | None:
     """Run the inference workflow as ``python -m monai.bundle run`` does; what it exits with, if anything."""
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.yaml"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type="infer",
+    workflow = bundle_workflow(
+        str(CONFIGS / "inference.yaml"),
+        "infer",
         **{
             "dataset_dir": str(inputs),
             "model_path": str(inputs.parent / "model.pt"),

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
+from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, bundle_workflow, run_workflow, write_tiny_case
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 from PIL import Image
 
@@ -40,26 +40,18 @@ def cli_overrides(overrides: dict) -> list[str]:
 
 
 def workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=config_file,
-        meta_file=META,
-        logging_file=LOGGING,
-        workflow_type=workflow_type,
-        **{**TINY, **overrides},
-    )
+    return bundle_workflow(config_file, workflow_type, **{**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory) -> Path:
     """A bundle root holding a model trained for one epoch by the train config through ConfigWorkflow."""
     root = tmp_path_factory.mktemp("bundle")
-    train = workflow(
-        TRAIN, "train", bundle_root=str(root), dataset_dir=str(tiny_dataset), epochs=1, val_interval=1
+    run_workflow(
+        workflow(
+            TRAIN, "train", bundle_root=str(root), dataset_dir=str(tiny_dataset), epochs=1, val_interval=1
+        )
     )
-    train.initialize()
-    assert train.check_properties() == []
-    train.run()
-    train.finalize()
     return root
 
 
@@ -117,10 +109,7 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
     """Killed while writing the epoch-2 checkpoint, then resumed from epoch 1: the same weights, optimizer,
     scheduler and counters as two epochs straight, and the epoch-1 checkpoint survived the kill."""
     settings = {"dataset_dir": str(two_case_dataset), "epochs": 2, "val_interval": 1}
-    straight = workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings)
-    straight.initialize()
-    straight.run()
-    straight.finalize()
+    run_workflow(workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings))
 
     real_save = torch.save
 
@@ -141,16 +130,8 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
     assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
 
-    resumed = workflow(
-        TRAIN,
-        "train",
-        bundle_root=str(root),
-        resume_checkpoint=str(models / "checkpoint_epoch=1.pt"),
-        **settings,
-    )
-    resumed.initialize()
-    resumed.run()
-    resumed.finalize()
+    resume = str(models / "checkpoint_epoch=1.pt")
+    run_workflow(workflow(TRAIN, "train", bundle_root=str(root), resume_checkpoint=resume, **settings))
     assert_same_state(
         torch.load(models / "checkpoint_epoch=2.pt", weights_only=True),
         torch.load(tmp_path / "straight" / "models" / "checkpoint_epoch=2.pt", weights_only=True),
@@ -158,16 +139,8 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
 
 
 def test_evaluation_writes_per_case_and_summary(trained, tiny_dataset):
-    evaluate = workflow(
-        [TRAIN, str(CONFIGS / "evaluate.yaml")],
-        "train",
-        bundle_root=str(trained),
-        dataset_dir=str(tiny_dataset),
-    )
-    evaluate.initialize()
-    assert evaluate.check_properties() == []
-    evaluate.run()
-    evaluate.finalize()
+    evaluate = [TRAIN, str(CONFIGS / "evaluate.yaml")]
+    run_workflow(workflow(evaluate, "train", bundle_root=str(trained), dataset_dir=str(tiny_dataset)))
     eval_dir = trained / "outputs" / "eval"
     rows = (eval_dir / "per_case.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("case_002.nii.gz")
@@ -498,9 +471,7 @@ def test_multi_gpu_evaluation_writes_each_case_once_and_what_one_process_writes(
     torch.set_num_threads(1)  # as each rank ran
     try:
         alone = workflow(configs, "train", **{**settings, "bundle_root": str(tmp_path / "one")})
-        alone.initialize()
-        alone.run()
-        alone.finalize()
+        run_workflow(alone, check_properties=False)  # a test-only datalist: no training list to check
     finally:
         torch.set_num_threads(threads)
 

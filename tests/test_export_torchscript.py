@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, write_tiny_case
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, bundle_workflow, run_workflow, write_tiny_case
+from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.export_torchscript import EXPORT_ATOL, EXPORT_RTOL, ExportMismatchError, export_torchscript
@@ -107,20 +107,17 @@ def test_the_export_gets_the_permissions_of_a_new_file(bundle, tmp_path):
 
 def segment(config_file, bundle_root: Path, inputs: Path, output_dir: Path, **overrides) -> np.ndarray:
     """Run the inference workflow as ``python -m monai.bundle run`` does; the label volume it writes."""
-    workflow = ConfigWorkflow(
-        config_file=config_file,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type="infer",
-        bundle_root=str(bundle_root),
-        dataset_dir=str(inputs),
-        output_dir=str(output_dir),
-        **{"roi_size": ROI, "cpu_autocast": False, **SLIDING, **overrides},
+    settings = {"roi_size": ROI, "cpu_autocast": False, **SLIDING, **overrides}
+    run_workflow(
+        bundle_workflow(
+            config_file,
+            "infer",
+            bundle_root=str(bundle_root),
+            dataset_dir=str(inputs),
+            output_dir=str(output_dir),
+            **settings,
+        )
     )
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
     return np.asarray(nib.load(output_dir / "scan_seg.nii.gz").dataobj)
 
 

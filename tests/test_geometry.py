@@ -20,8 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT
-from monai.bundle import ConfigWorkflow
+from conftest import BUNDLE_ROOT, bundle_workflow, run_workflow
 from torch import nn
 
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -100,20 +99,12 @@ def scan(tmp_path_factory) -> tuple[Path, Path]:
     return image, model
 
 
-def run(workflow: ConfigWorkflow) -> None:
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-
-
 def test_inference_returns_the_thresholded_scan_on_its_own_grid(scan, tmp_path):
     image, model = scan
-    run(
-        ConfigWorkflow(
-            config_file=str(CONFIGS / "inference.yaml"),
-            meta_file=str(CONFIGS / "metadata.json"),
-            logging_file=str(CONFIGS / "logging.conf"),
-            workflow_type="infer",
+    run_workflow(
+        bundle_workflow(
+            str(CONFIGS / "inference.yaml"),
+            "infer",
             input_files=[str(image)],
             model_path=str(model),
             output_dir=str(tmp_path),
@@ -157,17 +148,16 @@ def test_evaluation_scores_at_the_label_s_own_spacing(scan, tmp_path):
         for name, label in labels.items()
     ]
     (data / "dataset.json").write_text(json.dumps({"test": entries}))
-    run(
-        ConfigWorkflow(
-            config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
-            meta_file=str(CONFIGS / "metadata.json"),
-            logging_file=str(CONFIGS / "logging.conf"),
-            workflow_type="eval",
+    run_workflow(
+        bundle_workflow(
+            [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+            "eval",
             bundle_root=str(tmp_path),
             dataset_dir=str(data),
             model_path=str(model),
             **OVERRIDES,
-        )
+        ),
+        check_properties=False,  # MONAI's "eval" properties name a top-level `dataset`; ours is validate#dataset
     )
     with open(tmp_path / "outputs" / "eval" / "per_case.csv", newline="") as handle:
         records = {row["case"].removesuffix(".nii.gz"): row for row in csv.DictReader(handle)}
