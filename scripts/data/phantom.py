@@ -173,7 +173,8 @@ def render_labels(geometry: PhantomGeometry) -> tuple[np.ndarray, DistanceField,
     for aneurysm in geometry.aneurysms:
         aneurysm.draw(sacs)
 
-    label = np.where(vessels.distance <= 0, VESSEL_LABEL, BACKGROUND_LABEL).astype(np.uint8)
+    label = np.full(style.shape, BACKGROUND_LABEL, dtype=np.uint8)
+    label[vessels.distance <= 0] = VESSEL_LABEL
     if geometry.aneurysms:
         sac = (sacs.distance <= 0) & (label == BACKGROUND_LABEL)
         label[sac] = ANEURYSM_LABEL
