@@ -9,6 +9,12 @@ An aneurysm sits on a vessel and has a size; a prediction that says otherwise is
 * **small aneurysms**: aneurysm components below ``min_aneurysm_mm3`` that touch a vessel become vessel
   (a bump of the wall, not a lesion).
 
+One rule reads the image instead: 3DRA is near-binary, lumen bright on a dark background, so
+
+* **dark voxels** (:class:`SuppressDarkForegroundd`): where the scaled image, smoothed over about a voxel,
+  stays below ``min_intensity`` of the lumen level, the class probabilities become background (a blank
+  volume, or the dark background beside a window's edge, cannot hold lumen).
+
 Volumes are in mm^3 at the prediction's own spacing. ``python -m scripts.tune_postprocessing`` chooses
 the settings on saved validation predictions, as nnU-Net chooses its post-processing; the defaults in
 ``configs/`` are not tuned yet (``docs/recipe.md``).
@@ -28,7 +34,7 @@ from scipy import ndimage
 
 from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
 
-__all__ = ["CleanSegmentationd", "clean_segmentation"]
+__all__ = ["CleanSegmentationd", "SuppressDarkForegroundd", "clean_segmentation", "dark_voxels"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,4 +146,76 @@ class CleanSegmentationd(MapTransform):
             pred = pred.clone()
             pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
             d[key] = pred
+        return d
+
+
+def dark_voxels(image: np.ndarray, min_intensity: float, sigma: float = 1.0) -> np.ndarray:
+    """Voxels darker than ``min_intensity`` after Gaussian smoothing, so noise alone does not decide.
+
+    Args:
+        image: (D, H, W) intensities scaled as :class:`~scripts.data.intensity.RobustScaleIntensityd` does
+            (background median 0, lumen level 1).
+        min_intensity: the least smoothed intensity lumen can have.
+        sigma: standard deviation of the smoothing, in voxels. Default 1.
+
+    Returns:
+        (D, H, W) bool.
+    """
+    return ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), sigma) < min_intensity
+
+
+class SuppressDarkForegroundd(MapTransform):
+    """Class probabilities set to background wherever the image is dark (:func:`dark_voxels`).
+
+    Runs on the sliding window's softmax, on the grid of the preprocessed image (before ``Invertd``), so the
+    argmax, the saved probabilities and everything after see the same result.
+
+    Args:
+        keys: probability keys, each (C, D, H, W) with class 0 background.
+        image_key: the preprocessed (1, D, H, W) image. Default ``"image"``.
+        min_intensity: see :func:`dark_voxels`; 0 turns the rule off. Default 0.
+        sigma: see :func:`dark_voxels`. Default 1.
+        allow_missing_keys: as in MONAI.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        min_intensity: float = 0.0,
+        sigma: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0 <= min_intensity < 1 or sigma < 0:
+            raise ValueError(f"min_intensity must be in [0, 1) and sigma >= 0, got {min_intensity}, {sigma}.")
+        self.image_key = image_key
+        self.min_intensity = float(min_intensity)
+        self.sigma = float(sigma)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.min_intensity <= 0:
+            return d
+        image = d[self.image_key]
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(
+                f"{self.image_key}: expected a (1, D, H, W) image, got shape {tuple(image.shape)}."
+            )
+        dark = None
+        for key in self.key_iterator(d):
+            probabilities = d[key]
+            if probabilities.ndim != 4 or probabilities.shape[1:] != image.shape[1:]:
+                raise ValueError(
+                    f"{key}: expected (C, D, H, W) probabilities on the image's grid {tuple(image.shape[1:])}, "
+                    f"got shape {tuple(probabilities.shape)}."
+                )
+            if dark is None:
+                array = image[0].detach().float().cpu().numpy()
+                dark = torch.as_tensor(dark_voxels(array, self.min_intensity, self.sigma))
+            mask = dark.to(probabilities.device)
+            suppressed = probabilities.clone()  # a MetaTensor keeps its metadata, for Invertd
+            suppressed[:, mask] = 0
+            suppressed[BACKGROUND_LABEL, mask] = 1
+            d[key] = suppressed
         return d

@@ -178,6 +178,26 @@ def test_labels_and_measurements_are_written_in_the_input_geometry(inputs, tmp_p
     assert "| d | 2 | 13.8 | 2.77 |" in report and "![a](a_mip.png)" in report and "b.nii.gz" in report
 
 
+def test_no_foreground_where_the_image_is_dark_even_from_a_model_that_sees_lumen_everywhere(tmp_path):
+    """A blank volume gets no label and a vessel keeps only its bright voxels, whatever the model says: the
+    stand-in here calls every voxel at least vessel. With the dark-voxel rule off, the blank volume is all
+    vessel: the rule is what keeps it clean."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), AFFINE), folder / "blank.nii.gz")
+    nib.save(nib.Nifti1Image(volume_of(GOOD_CASES["a"]), AFFINE), folder / "a.nii.gz")
+    torch.save(IntensityThreshold(low=-1.0).state_dict(), tmp_path / "model.pt")
+
+    assert infer(folder, tmp_path / "on") is None
+    assert not np.asarray(nib.load(tmp_path / "on" / "blank_seg.nii.gz").dataobj).any()
+    bright = volume_of(GOOD_CASES["a"]) > 0
+    labelled = np.asarray(nib.load(tmp_path / "on" / "a_seg.nii.gz").dataobj) > 0
+    assert labelled[bright].all() and labelled.sum() < 2 * bright.sum()  # the lumen and a rim of its edge
+
+    assert infer(folder, tmp_path / "off", postprocess_min_intensity=0.0) is None
+    assert (np.asarray(nib.load(tmp_path / "off" / "blank_seg.nii.gz").dataobj) == 1).all()
+
+
 def panel_runs(pixels: np.ndarray, axis: int) -> list[tuple[int, int]]:
     """(start, stop) of a picture's panels along ``axis`` (0: rows, 1: columns): the runs between the
     canvas's gaps (lines of the background colour across the whole picture)."""

@@ -553,7 +553,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
     train.read_config(TRAIN)
     train.resolve_macro_and_relative_ids()
     infer.read_config(str(CONFIGS / "inference.yaml"))
-    keys = ["network_def", "preparation", "clean_segmentation"]
+    keys = ["network_def", "preparation", "clean_segmentation", "suppress_dark_foreground"]
     keys += [
         "roi_size",
         "spacing",
@@ -575,9 +575,24 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_min_component_mm3",
         "postprocess_min_aneurysm_mm3",
         "postprocess_detached_aneurysm_label",
+        "postprocess_min_intensity",
     ]
     assert [k for k in keys if train[k] != infer[k]] == []
     assert [t["_target_"] for t in train["loading"]] == [t["_target_"] for t in infer["loading"]]
+    # validation, evaluation and inference post-process alike: the dark-voxel rule on the softmax, then the
+    # clean-up of the labels
+    evaluate = ConfigParser()
+    evaluate.read_config([TRAIN, str(CONFIGS / "evaluate.yaml")])
+    evaluate.resolve_macro_and_relative_ids()
+    pipelines = {
+        "validation": train["validate#postprocessing#transforms"],
+        "evaluation": evaluate["validate#postprocessing#transforms"],
+        "inference": infer["postprocessing#transforms"],
+    }
+    for name, transforms in pipelines.items():
+        steps = [t if isinstance(t, str) else t["_target_"] for t in transforms]
+        assert steps.index("@suppress_dark_foreground") < steps.index("@clean_segmentation"), name
+        assert steps[steps.index("@suppress_dark_foreground") - 1] == "Activationsd", name
     assert infer["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert train["validate"]["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert "@clean_segmentation" in infer["postprocessing"]["transforms"]

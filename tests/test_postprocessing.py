@@ -8,7 +8,7 @@ import torch
 from conftest import postprocessing_scene
 from monai.data import MetaTensor
 
-from scripts.postprocessing import CleanSegmentationd, clean_segmentation
+from scripts.postprocessing import CleanSegmentationd, SuppressDarkForegroundd, clean_segmentation
 
 
 def test_off_by_default():
@@ -45,3 +45,53 @@ def test_dictionary_transform_reads_the_spacing_from_the_affine():
     assert (pred[0, 20:22, 17:19, 14:16] == 2).all()  # the input is left alone
     with pytest.raises(ValueError, match="detached_aneurysm_label"):
         CleanSegmentationd("pred", detached_aneurysm_label=2)
+
+
+def _vessel_scene() -> tuple[MetaTensor, MetaTensor]:
+    """A bright tube (lumen 1.0) with noise around it, and probabilities that call the tube, a dark corner and
+    a face of the volume foreground (what a model did on a blank volume)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.0, 0.02, (1, 24, 24, 24)).astype(np.float32)
+    image[0, 10:14, 10:14, :] = 1.0
+    probabilities = np.zeros((3, 24, 24, 24), np.float32)
+    probabilities[0] = 1
+    for box in (np.s_[10:14, 10:14, :], np.s_[0:3, 0:3, 0:3], np.s_[:, :, 0]):
+        probabilities[(0, *box)], probabilities[(1, *box)] = 0.2, 0.8
+    affine = torch.diag(torch.tensor([0.4, 0.4, 0.4, 1.0]))
+    return MetaTensor(image, affine=affine), MetaTensor(probabilities, affine=affine)
+
+
+def test_dark_foreground_becomes_background_and_lumen_stays():
+    image, probabilities = _vessel_scene()
+    out = SuppressDarkForegroundd("pred", min_intensity=0.1)({"image": image, "pred": probabilities})["pred"]
+    labels = out.argmax(0)
+    assert (labels[10:14, 10:14, 1:] == 1).all()  # the lumen, its edge voxels included
+    assert (labels[0:3, 0:3, 0:3] == 0).all() and (labels[:9, :9, 0] == 0).all()
+    torch.testing.assert_close(out.sum(0), torch.ones(24, 24, 24))  # still probabilities
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, probabilities.affine)  # Invertd needs it
+
+
+def test_a_blank_volume_gets_no_foreground_and_zero_turns_the_rule_off():
+    _, probabilities = _vessel_scene()
+    blank = MetaTensor(torch.zeros(1, 24, 24, 24))
+    out = SuppressDarkForegroundd("pred", min_intensity=0.1)({"image": blank, "pred": probabilities})["pred"]
+    assert (out.argmax(0) == 0).all()
+    off = SuppressDarkForegroundd("pred", min_intensity=0.0)({"image": blank, "pred": probabilities})["pred"]
+    assert torch.equal(off, probabilities)
+
+
+@pytest.mark.parametrize(
+    "image, settings, message",
+    [
+        (torch.zeros(1, 24, 24, 23), {}, "image's grid"),
+        (torch.zeros(24, 24, 24), {}, r"\(1, D, H, W\) image"),
+        (torch.zeros(1, 24, 24, 24), {"min_intensity": 1.0}, "min_intensity"),
+        (torch.zeros(1, 24, 24, 24), {"min_intensity": -0.1}, "min_intensity"),
+    ],
+)
+def test_dark_rule_refuses_what_it_cannot_read(image, settings, message):
+    _, probabilities = _vessel_scene()
+    with pytest.raises(ValueError, match=message):
+        SuppressDarkForegroundd("pred", **{"min_intensity": 0.1, **settings})(
+            {"image": image, "pred": probabilities}
+        )
