@@ -35,7 +35,7 @@ from .centres import Centre, get_centre
 from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine, render_background_only
 from .preview import save_preview
 
-__all__ = ["dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset"]
+__all__ = ["dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset", "write_nifti"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     """Save a NIfTI through a temporary file in the same folder, then ``os.replace`` it into ``path``."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
@@ -173,8 +173,8 @@ def _write_case(phantom: Phantom, output_dir: str, name: str, folder: str) -> di
     """Save a case's image and label into ``images{folder}`` and ``labels{folder}``; return its datalist entry."""
     image_rel = f"images{folder}/{name}.nii.gz"
     label_rel = f"labels{folder}/{name}.nii.gz"
-    _atomic_nifti(phantom.image, phantom.affine, os.path.join(output_dir, image_rel))
-    _atomic_nifti(phantom.label, phantom.affine, os.path.join(output_dir, label_rel))
+    write_nifti(phantom.image, phantom.affine, os.path.join(output_dir, image_rel))
+    write_nifti(phantom.label, phantom.affine, os.path.join(output_dir, label_rel))
     info = phantom.info
     return {
         "image": image_rel,
