@@ -16,8 +16,8 @@ One rule reads the image instead: 3DRA is near-binary, lumen bright on a dark ba
   volume, or the dark background beside a window's edge, cannot hold lumen).
 
 Volumes are in mm^3 at the prediction's own spacing. ``python -m scripts.tune_postprocessing`` chooses
-the settings on saved validation predictions, as nnU-Net chooses its post-processing; the defaults in
-``configs/`` are not tuned yet (``docs/recipe.md``).
+the component settings on saved validation predictions, as nnU-Net chooses its post-processing; the
+defaults in ``configs/`` were chosen so (``docs/recipe.md``).
 """
 
 from __future__ import annotations
