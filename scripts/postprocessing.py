@@ -4,6 +4,9 @@ An aneurysm sits on a vessel and has a size; a prediction that says otherwise is
 
 * **specks**: foreground components (vessel and aneurysm together, 26-connected) below
   ``min_component_mm3`` are set to background;
+* **islands**: foreground components below ``min_component_fraction`` of the largest one are set to
+  background (one injected territory is one tree; nnU-Net's "all but the largest component", with a margin
+  for branches that leave the field of view and come back);
 * **detached aneurysms**: aneurysm components that touch no vessel voxel are set to
   ``detached_aneurysm_label`` (0 background, 1 vessel, or None to keep them);
 * **small aneurysms**: aneurysm components below ``min_aneurysm_mm3`` that touch a vessel become vessel
@@ -47,6 +50,7 @@ def clean_segmentation(
     min_component_mm3: float = 0.0,
     min_aneurysm_mm3: float = 0.0,
     detached_aneurysm_label: int | None = None,
+    min_component_fraction: float = 0.0,
 ) -> np.ndarray:
     """Apply the clean-up rules of this module to one label volume.
 
@@ -57,6 +61,8 @@ def clean_segmentation(
         min_aneurysm_mm3: aneurysm components below this volume touching a vessel become vessel.
             Default 0 (off).
         detached_aneurysm_label: new label of aneurysm components touching no vessel (None keeps them).
+        min_component_fraction: foreground components below this fraction of the largest become background.
+            Default 0 (off).
 
     Returns:
         (D, H, W) cleaned labels, same dtype; the input is not modified.
@@ -66,12 +72,15 @@ def clean_segmentation(
         raise ValueError(f"label must be (D, H, W), got shape {label.shape}.")
     if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
         raise ValueError(f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}.")
+    if not 0 <= min_component_fraction <= 1:
+        raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
     voxel_mm3 = float(np.prod(spacing))
     out = label.copy()
-    if min_component_mm3 > 0:
+    if min_component_mm3 > 0 or min_component_fraction > 0:
         components, count = ndimage.label(out > 0, structure=_CONNECTIVITY)
         sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
-        small = sizes < min_component_mm3
+        sizes[0] = 0.0
+        small = (sizes < min_component_mm3) | (sizes < min_component_fraction * sizes.max())
         small[0] = False
         out[small[components]] = BACKGROUND_LABEL
     aneurysm = out == ANEURYSM_LABEL
@@ -107,7 +116,8 @@ class CleanSegmentationd(MapTransform):
 
     Args:
         keys: label keys, each (1, D, H, W) integer labels (after ``AsDiscreted(argmax=True)``).
-        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label: see :func:`clean_segmentation`.
+        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction: see
+            :func:`clean_segmentation`.
         allow_missing_keys: as in MONAI.
     """
 
@@ -117,6 +127,7 @@ class CleanSegmentationd(MapTransform):
         min_component_mm3: float = 0.0,
         min_aneurysm_mm3: float = 0.0,
         detached_aneurysm_label: int | None = None,
+        min_component_fraction: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -133,7 +144,10 @@ class CleanSegmentationd(MapTransform):
             "min_component_mm3": float(min_component_mm3),
             "min_aneurysm_mm3": float(min_aneurysm_mm3),
             "detached_aneurysm_label": detached_aneurysm_label,
+            "min_component_fraction": float(min_component_fraction),
         }
+        if not 0 <= self.settings["min_component_fraction"] <= 1:
+            raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

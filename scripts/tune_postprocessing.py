@@ -9,7 +9,7 @@ F1); the best mean wins, ties going to the mildest setting. Run from the bundle 
         --meta_file configs/metadata.json --logging_file configs/logging.conf --eval_seed 2000 \\
         --eval_cases 10 --eval_dir outputs/tune --save_predictions True \\
         --postprocess_min_component_mm3 0 --postprocess_min_aneurysm_mm3 0 \\
-        --postprocess_detached_aneurysm_label None
+        --postprocess_detached_aneurysm_label None --postprocess_min_component_fraction 0.0
     python -m scripts.tune_postprocessing --pred_dir outputs/tune/predictions \\
         --datalist data/synthetic_test_A_seed2000/dataset.json --split test
 
@@ -39,6 +39,7 @@ GRID = {
     "min_component_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
     "min_aneurysm_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
     "detached_aneurysm_label": [None, 0, 1],
+    "min_component_fraction": [0.0, 0.02, 0.05, 0.1],
 }
 
 
@@ -86,25 +87,34 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
             )
         )
     rows = tune(cases)
-    header = f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+    header = (
+        f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
+        f"{'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+    )
     lines = [header] + [
         f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} {r['detached_aneurysm_label']!s:>10} "
+        f"{r['min_component_fraction']:8.2f} "
         f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
         for r in rows[:10]
     ]
     none = next(
         r
         for r in rows
-        if r["min_component_mm3"] == 0 and r["min_aneurysm_mm3"] == 0 and r["detached_aneurysm_label"] is None
+        if r["min_component_mm3"] == 0
+        and r["min_aneurysm_mm3"] == 0
+        and r["detached_aneurysm_label"] is None
+        and r["min_component_fraction"] == 0
     )
     best = rows[0]
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), "\n".join(lines))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
     logger.info(
-        "use: --postprocess_min_component_mm3 %s --postprocess_min_aneurysm_mm3 %s --postprocess_detached_aneurysm_label %s",
+        "use: --postprocess_min_component_mm3 %s --postprocess_min_aneurysm_mm3 %s "
+        "--postprocess_detached_aneurysm_label %s --postprocess_min_component_fraction %s",
         best["min_component_mm3"],
         best["min_aneurysm_mm3"],
         best["detached_aneurysm_label"],
+        best["min_component_fraction"],
     )
     write_atomically(
         str(folder / "postprocessing.json"),

@@ -576,6 +576,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_min_aneurysm_mm3",
         "postprocess_detached_aneurysm_label",
         "postprocess_min_intensity",
+        "postprocess_min_component_fraction",
     ]
     assert [k for k in keys if train[k] != infer[k]] == []
     assert [t["_target_"] for t in train["loading"]] == [t["_target_"] for t in infer["loading"]]

@@ -95,3 +95,19 @@ def test_dark_rule_refuses_what_it_cannot_read(image, settings, message):
         SuppressDarkForegroundd("pred", **{"min_intensity": 0.1, **settings})(
             {"image": image, "pred": probabilities}
         )
+
+
+def test_islands_below_a_fraction_of_the_largest_component_go():
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[5:35, 18:22, 18:22] = 1  # the tree: 480 voxels
+    label[18:22, 22:25, 18:22] = 2  # an aneurysm on it
+    label[2:5, 2:5, 2:5] = 1  # an island of 27 voxels (5.6 % of the tree and its aneurysm, 528 voxels)
+    label[30:33, 30:33, 30:33] = 2  # an aneurysm island, 27 voxels
+    for fraction, island_kept in ((0.05, True), (0.06, False)):
+        out = clean_segmentation(label, (1.0, 1.0, 1.0), min_component_fraction=fraction)
+        assert bool(out[3, 3, 3]) == island_kept and bool(out[31, 31, 31]) == island_kept
+        np.testing.assert_array_equal(
+            out[5:35, 18:25, 18:22], label[5:35, 18:25, 18:22]
+        )  # the tree stays whole
+    with pytest.raises(ValueError, match="min_component_fraction"):
+        clean_segmentation(label, (1.0, 1.0, 1.0), min_component_fraction=1.5)
