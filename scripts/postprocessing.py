@@ -70,10 +70,7 @@ def clean_segmentation(
     label = np.asarray(label)
     if label.ndim != 3:
         raise ValueError(f"label must be (D, H, W), got shape {label.shape}.")
-    if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
-        raise ValueError(f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}.")
-    if not 0 <= min_component_fraction <= 1:
-        raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
+    _check_settings(min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction)
     voxel_mm3 = float(np.prod(spacing))
     out = label.copy()
     if min_component_mm3 > 0 or min_component_fraction > 0:
@@ -97,6 +94,23 @@ def clean_segmentation(
     new_label[touching & (sizes < min_aneurysm_mm3)] = VESSEL_LABEL
     out[aneurysm] = new_label[components[aneurysm]]
     return out
+
+
+def _check_settings(
+    min_component_mm3: float,
+    min_aneurysm_mm3: float,
+    detached_aneurysm_label: Any,
+    min_component_fraction: float,
+) -> None:
+    """Raise ValueError naming the first clean-up setting that is out of range."""
+    if min_component_mm3 < 0 or min_aneurysm_mm3 < 0:
+        raise ValueError(
+            f"min_component_mm3 and min_aneurysm_mm3 must be >= 0, got {min_component_mm3}, {min_aneurysm_mm3}."
+        )
+    if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
+        raise ValueError(f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}.")
+    if not 0 <= min_component_fraction <= 1:
+        raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
 
 
 def _spacing_of(image: Any) -> tuple[float, float, float]:
@@ -131,23 +145,13 @@ class CleanSegmentationd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if min_component_mm3 < 0 or min_aneurysm_mm3 < 0:
-            raise ValueError(
-                f"min_component_mm3 and min_aneurysm_mm3 must be >= 0, got {min_component_mm3}, "
-                f"{min_aneurysm_mm3}."
-            )
-        if detached_aneurysm_label not in (None, BACKGROUND_LABEL, VESSEL_LABEL):
-            raise ValueError(
-                f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}."
-            )
+        _check_settings(min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction)
         self.settings = {
             "min_component_mm3": float(min_component_mm3),
             "min_aneurysm_mm3": float(min_aneurysm_mm3),
             "detached_aneurysm_label": detached_aneurysm_label,
             "min_component_fraction": float(min_component_fraction),
         }
-        if not 0 <= self.settings["min_component_fraction"] <= 1:
-            raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

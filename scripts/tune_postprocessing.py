@@ -14,6 +14,8 @@ F1); the best mean wins, ties going to the mildest setting. Run from the bundle 
         --datalist data/synthetic_test_A_seed2000/dataset.json --split test
 
 It logs the table and the overrides to use, and writes ``postprocessing.json`` beside the predictions.
+The dark-voxel rule (``postprocess_min_intensity``) works on the softmax before the predictions are saved,
+so it stays on in them and is not tuned here.
 """
 
 from __future__ import annotations
