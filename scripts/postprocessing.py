@@ -10,7 +10,12 @@ An aneurysm sits on a vessel and has a size; a prediction that says otherwise is
 * **detached aneurysms**: aneurysm components that touch no vessel voxel are set to
   ``detached_aneurysm_label`` (0 background, 1 vessel, or None to keep them);
 * **small aneurysms**: aneurysm components below ``min_aneurysm_mm3`` that touch a vessel become vessel
-  (a bump of the wall, not a lesion).
+  (a bump of the wall, not a lesion);
+* **flat aneurysms**: aneurysm components that touch a vessel and rise less than ``min_aneurysm_height_mm``
+  above their neck, or less than ``min_aneurysm_aspect_ratio`` times the neck's width, become vessel. A
+  saccular aneurysm protrudes from its parent artery; a patch of the artery's own wall or a stretch of a
+  wide trunk called aneurysm lies flat along it (height and neck as :mod:`scripts.measurements` defines
+  them).
 
 One rule reads the image instead: 3DRA is near-binary, lumen bright on a dark background, so
 
@@ -36,6 +41,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.measurements import aneurysm_components
 
 __all__ = ["CleanSegmentationd", "SuppressDarkForegroundd", "clean_segmentation", "dark_voxels"]
 
@@ -51,6 +57,8 @@ def clean_segmentation(
     min_aneurysm_mm3: float = 0.0,
     detached_aneurysm_label: int | None = None,
     min_component_fraction: float = 0.0,
+    min_aneurysm_height_mm: float = 0.0,
+    min_aneurysm_aspect_ratio: float = 0.0,
 ) -> np.ndarray:
     """Apply the clean-up rules of this module to one label volume.
 
@@ -63,6 +71,9 @@ def clean_segmentation(
         detached_aneurysm_label: new label of aneurysm components touching no vessel (None keeps them).
         min_component_fraction: foreground components below this fraction of the largest become background.
             Default 0 (off).
+        min_aneurysm_height_mm: aneurysm components touching a vessel and rising less than this above their
+            neck become vessel. Default 0 (off).
+        min_aneurysm_aspect_ratio: the same for a height below this times the neck width. Default 0 (off).
 
     Returns:
         (D, H, W) cleaned labels, same dtype; the input is not modified.
@@ -70,7 +81,10 @@ def clean_segmentation(
     label = np.asarray(label)
     if label.ndim != 3:
         raise ValueError(f"label must be (D, H, W), got shape {label.shape}.")
-    _check_settings(min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction)
+    shape_rules = (min_aneurysm_height_mm, min_aneurysm_aspect_ratio)
+    _check_settings(
+        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction, *shape_rules
+    )
     voxel_mm3 = float(np.prod(spacing))
     out = label.copy()
     if min_component_mm3 > 0 or min_component_fraction > 0:
@@ -81,8 +95,20 @@ def clean_segmentation(
         small[0] = False
         out[small[components]] = BACKGROUND_LABEL
     aneurysm = out == ANEURYSM_LABEL
-    if not aneurysm.any() or (detached_aneurysm_label is None and min_aneurysm_mm3 <= 0):
+    if not aneurysm.any():
         return out
+    if detached_aneurysm_label is not None or min_aneurysm_mm3 > 0:
+        _relabel_detached_and_small(out, voxel_mm3, min_aneurysm_mm3, detached_aneurysm_label)
+    if max(shape_rules) > 0:
+        _relabel_flat(out, spacing, *shape_rules)
+    return out
+
+
+def _relabel_detached_and_small(
+    out: np.ndarray, voxel_mm3: float, min_aneurysm_mm3: float, detached_aneurysm_label: int | None
+) -> None:
+    """The detached and small aneurysm rules of :func:`clean_segmentation`, in place."""
+    aneurysm = out == ANEURYSM_LABEL
     components, count = ndimage.label(aneurysm, structure=_CONNECTIVITY)
     near_vessel = ndimage.binary_dilation(out == VESSEL_LABEL, structure=_CONNECTIVITY)
     touching = np.zeros(count + 1, dtype=bool)
@@ -93,7 +119,23 @@ def clean_segmentation(
         new_label[~touching] = detached_aneurysm_label
     new_label[touching & (sizes < min_aneurysm_mm3)] = VESSEL_LABEL
     out[aneurysm] = new_label[components[aneurysm]]
-    return out
+
+
+def _relabel_flat(
+    out: np.ndarray, spacing: Sequence[float], min_height_mm: float, min_aspect_ratio: float
+) -> None:
+    """The flat aneurysm rule of :func:`clean_segmentation`, in place."""
+    measurements, numbers = aneurysm_components(out, np.diag([*map(float, spacing), 1.0]))
+    flat = [
+        m.index
+        for m in measurements
+        if m.touches_vessel
+        and (
+            m.height_mm < min_height_mm or (m.aspect_ratio is not None and m.aspect_ratio < min_aspect_ratio)
+        )
+    ]
+    if flat:
+        out[np.isin(numbers, flat)] = VESSEL_LABEL
 
 
 def _check_settings(
@@ -101,6 +143,8 @@ def _check_settings(
     min_aneurysm_mm3: float,
     detached_aneurysm_label: Any,
     min_component_fraction: float,
+    min_aneurysm_height_mm: float = 0.0,
+    min_aneurysm_aspect_ratio: float = 0.0,
 ) -> None:
     """Raise ValueError naming the first clean-up setting that is out of range."""
     if min_component_mm3 < 0 or min_aneurysm_mm3 < 0:
@@ -111,6 +155,11 @@ def _check_settings(
         raise ValueError(f"detached_aneurysm_label must be None, 0 or 1, got {detached_aneurysm_label!r}.")
     if not 0 <= min_component_fraction <= 1:
         raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction!r}.")
+    if min_aneurysm_height_mm < 0 or min_aneurysm_aspect_ratio < 0:
+        raise ValueError(
+            f"min_aneurysm_height_mm and min_aneurysm_aspect_ratio must be >= 0, got {min_aneurysm_height_mm}, "
+            f"{min_aneurysm_aspect_ratio}."
+        )
 
 
 def _spacing_of(image: Any) -> tuple[float, float, float]:
@@ -130,8 +179,8 @@ class CleanSegmentationd(MapTransform):
 
     Args:
         keys: label keys, each (1, D, H, W) integer labels (after ``AsDiscreted(argmax=True)``).
-        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction: see
-            :func:`clean_segmentation`.
+        min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction,
+        min_aneurysm_height_mm, min_aneurysm_aspect_ratio: see :func:`clean_segmentation`.
         allow_missing_keys: as in MONAI.
     """
 
@@ -142,15 +191,26 @@ class CleanSegmentationd(MapTransform):
         min_aneurysm_mm3: float = 0.0,
         detached_aneurysm_label: int | None = None,
         min_component_fraction: float = 0.0,
+        min_aneurysm_height_mm: float = 0.0,
+        min_aneurysm_aspect_ratio: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        _check_settings(min_component_mm3, min_aneurysm_mm3, detached_aneurysm_label, min_component_fraction)
+        _check_settings(
+            min_component_mm3,
+            min_aneurysm_mm3,
+            detached_aneurysm_label,
+            min_component_fraction,
+            min_aneurysm_height_mm,
+            min_aneurysm_aspect_ratio,
+        )
         self.settings = {
             "min_component_mm3": float(min_component_mm3),
             "min_aneurysm_mm3": float(min_aneurysm_mm3),
             "detached_aneurysm_label": detached_aneurysm_label,
             "min_component_fraction": float(min_component_fraction),
+            "min_aneurysm_height_mm": float(min_aneurysm_height_mm),
+            "min_aneurysm_aspect_ratio": float(min_aneurysm_aspect_ratio),
         }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

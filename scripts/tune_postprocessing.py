@@ -1,15 +1,18 @@
 """Choose the post-processing settings on validation predictions, as nnU-Net does after training.
 
-Every combination of the grid below is applied to the saved raw predictions (``save_predictions: True``
-in ``configs/evaluate.yaml``, with post-processing off) and scored against the labels with
+Every combination of ``GRID`` is applied to the saved raw predictions (``save_predictions: True`` in
+``configs/evaluate.yaml``, with post-processing off) and scored against the labels with
 :func:`scripts.selection_metric.case_score` (mean of vessel Dice, aneurysm Dice and aneurysm detection
-F1); the best mean wins, ties going to the mildest setting. Run from the bundle root::
+F1); then, on top of the best of them, every combination of ``SHAPE_GRID`` (the flat-aneurysm rule, which
+measures each aneurysm and so costs more), as nnU-Net decides its rules one after the other. The best mean
+wins, ties going to the mildest setting. Run from the bundle root::
 
     python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \\
         --meta_file configs/metadata.json --logging_file configs/logging.conf --eval_seed 2000 \\
         --eval_cases 10 --eval_dir outputs/tune --save_predictions True \\
         --postprocess_min_component_mm3 0 --postprocess_min_aneurysm_mm3 0 \\
-        --postprocess_detached_aneurysm_label None --postprocess_min_component_fraction 0.0
+        --postprocess_detached_aneurysm_label None --postprocess_min_component_fraction 0.0 \\
+        --postprocess_min_aneurysm_height_mm 0.0 --postprocess_min_aneurysm_aspect_ratio 0.0
     python -m scripts.tune_postprocessing --pred_dir outputs/tune/predictions \\
         --datalist data/synthetic_test_A_seed2000/dataset.json --split test
 
@@ -43,6 +46,10 @@ GRID = {
     "detached_aneurysm_label": [None, 0, 1],
     "min_component_fraction": [0.0, 0.02, 0.05, 0.1],
 }
+SHAPE_GRID = {
+    "min_aneurysm_height_mm": [0.0, 1.0, 1.5, 2.0, 2.5, 3.0],
+    "min_aneurysm_aspect_ratio": [0.0, 0.2, 0.3, 0.4, 0.5],
+}
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -54,19 +61,32 @@ def _prediction_for(pred_dir: Path, image: str) -> Path:
 
 
 def tune(cases: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]) -> list[dict]:
-    """Score every grid setting on ``(pred, label, spacing)`` cases; rows sorted best first.
+    """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, on ``(pred, label,
+    spacing)`` cases; rows of both stages sorted best first.
 
-    Each row: the settings, ``score`` (mean over cases) and the means of its three parts.
+    Each row: the six settings, ``score`` (mean over cases) and the means of its three parts.
     """
+    off = dict.fromkeys(SHAPE_GRID, 0.0)
+    rows = _score_grid(cases, [{**settings, **off} for settings in _combinations(GRID)])
+    best = {k: v for k, v in rows[0].items() if k in GRID}
+    rows += _score_grid(cases, [{**best, **shape} for shape in _combinations(SHAPE_GRID)], start=len(rows))
+    rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
+    return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+
+
+def _combinations(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _score_grid(cases: list, settings_list: list[dict], start: int = 0) -> list[dict]:
+    """Rows of ``settings_list`` scored on ``cases``, best first; ``_order`` (from ``start``) breaks ties."""
     rows = []
-    names = list(GRID)
-    for order, values in enumerate(itertools.product(*GRID.values())):
-        settings = dict(zip(names, values, strict=True))
+    for order, settings in enumerate(settings_list, start=start):
         parts = [case_score(clean_segmentation(p, s, **settings), t) for p, t, s in cases]
         means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
         rows.append({**settings, **means, "_order": order})
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
-    return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+    return rows
 
 
 def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
@@ -91,11 +111,12 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
     rows = tune(cases)
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
-        f"{'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+        f"{'height':>6} {'aspect':>6} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
     )
     lines = [header] + [
         f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} {r['detached_aneurysm_label']!s:>10} "
-        f"{r['min_component_fraction']:8.2f} "
+        f"{r['min_component_fraction']:8.2f} {r['min_aneurysm_height_mm']:6.1f} "
+        f"{r['min_aneurysm_aspect_ratio']:6.2f} "
         f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
         for r in rows[:10]
     ]
@@ -106,18 +127,13 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
         and r["min_aneurysm_mm3"] == 0
         and r["detached_aneurysm_label"] is None
         and r["min_component_fraction"] == 0
+        and r["min_aneurysm_height_mm"] == 0
+        and r["min_aneurysm_aspect_ratio"] == 0
     )
     best = rows[0]
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), "\n".join(lines))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
-    logger.info(
-        "use: --postprocess_min_component_mm3 %s --postprocess_min_aneurysm_mm3 %s "
-        "--postprocess_detached_aneurysm_label %s --postprocess_min_component_fraction %s",
-        best["min_component_mm3"],
-        best["min_aneurysm_mm3"],
-        best["detached_aneurysm_label"],
-        best["min_component_fraction"],
-    )
+    logger.info("use: %s", " ".join(f"--postprocess_{k} {best[k]}" for k in [*GRID, *SHAPE_GRID]))
     write_atomically(
         str(folder / "postprocessing.json"),
         json.dumps({"best": best, "none": none, "cases": len(cases)}, indent=2) + "\n",

@@ -146,3 +146,15 @@ def postprocessing_scene():
     label[2:6, 2:6, 2:6] = 2  # detached aneurysm: 64 voxels
     label[25, 25, 25] = 1  # one-voxel vessel speck
     return label
+
+
+def flat_aneurysm_scene():
+    """(30, 30, 30) uint8 label: a vessel along axis 0 with a protruding aneurysm (5 voxels high, 5 wide) and
+    a one-voxel-thin patch of aneurysm lying along its wall (7 voxels long)."""
+    import numpy as np
+
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[2:28, 14:17, 14:17] = 1
+    label[5:10, 17:22, 13:18] = 2
+    label[18:25, 17, 14:17] = 2
+    return label

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import postprocessing_scene
+from conftest import flat_aneurysm_scene, postprocessing_scene
 from monai.data import MetaTensor
 
 from scripts.postprocessing import CleanSegmentationd, SuppressDarkForegroundd, clean_segmentation
@@ -111,3 +111,26 @@ def test_islands_below_a_fraction_of_the_largest_component_go():
         )  # the tree stays whole
     with pytest.raises(ValueError, match="min_component_fraction"):
         clean_segmentation(label, (1.0, 1.0, 1.0), min_component_fraction=1.5)
+
+
+@pytest.mark.parametrize("rule", [{"min_aneurysm_height_mm": 2.0}, {"min_aneurysm_aspect_ratio": 0.5}])
+def test_flat_aneurysms_along_a_vessel_become_vessel(rule):
+    label = flat_aneurysm_scene()
+    out = clean_segmentation(label, (1.0, 1.0, 1.0), **rule)
+    assert (out[18:25, 17, 14:17] == 1).all()
+    assert (out[5:10, 17:22, 13:18] == 2).all()
+    assert (out[label != 2] == label[label != 2]).all()
+
+
+def test_flat_rule_measures_in_millimetres_and_spares_detached_aneurysms():
+    label = flat_aneurysm_scene()
+    label[2:6, 2:6, 2:6] = 2  # touches no vessel: no neck to measure, left to the detached rule
+    # the protruding one rises 5 voxels: 2.5 mm at 0.5 mm spacing
+    fine = clean_segmentation(label, (0.5, 0.5, 0.5), min_aneurysm_height_mm=2.0)
+    assert (fine[5:10, 17:22, 13:18] == 2).all()
+    finer = clean_segmentation(label, (0.5, 0.5, 0.5), min_aneurysm_height_mm=3.0)
+    assert (finer[5:10, 17:22, 13:18] == 1).all() and (finer[2:6, 2:6, 2:6] == 2).all()
+    with pytest.raises(ValueError, match="min_aneurysm_height_mm"):
+        clean_segmentation(label, (1.0, 1.0, 1.0), min_aneurysm_height_mm=-1.0)
+    with pytest.raises(ValueError, match="min_aneurysm_aspect_ratio"):
+        CleanSegmentationd("pred", min_aneurysm_aspect_ratio=-0.1)
