@@ -401,7 +401,14 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
     monkeypatch.setattr(scripts.data.synthetic, "ensure_dataset", fake_ensure_dataset)
     folder = export_nnunet(output_dir=str(tmp_path / "raw"), dataset_id=7)
     assert Path(asked.pop("dataset_dir")) == ROOT / "data" / "synthetic"
-    assert asked == {"num_cases": 20, "seed": 0, "centre": "A", "splits": [16, 4, 0], "negatives": 2}
+    assert asked == {
+        "num_cases": 20,
+        "seed": 0,
+        "centre": "A",
+        "splits": [16, 4, 0],
+        "negatives": 2,
+        "training_aneurysms": None,
+    }
     check_nnunet_raw(Path(folder))
 
 

@@ -43,7 +43,7 @@ class Centre:
         aneurysm_sigma_log: sigma of that log-normal (natural log).
         aneurysm_min_mm: smallest dome size; anything smaller is a vessel bulge, not an aneurysm.
         aneurysm_max_mm: largest dome size (also capped by the field of view).
-        aneurysm_count_probs: probabilities of 0, 1 and 2 aneurysms per case.
+        aneurysm_count_probs: probabilities of 0, 1, 2, ... aneurysms per case (one entry per count).
     """
 
     name: str
@@ -62,7 +62,7 @@ class Centre:
     aneurysm_sigma_log: float
     aneurysm_min_mm: float = 1.5
     aneurysm_max_mm: float = 25.0
-    aneurysm_count_probs: tuple[float, float, float] = (0.15, 0.65, 0.20)
+    aneurysm_count_probs: tuple[float, ...] = (0.15, 0.65, 0.20)
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -83,9 +83,10 @@ class Centre:
                     f"Centre {self.name!r}: {field} must be in [0, 1], got {getattr(self, field)}."
                 )
         probs = self.aneurysm_count_probs
-        if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+        if len(probs) < 1 or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
             raise ValueError(
-                f"Centre {self.name!r}: aneurysm_count_probs must be 3 probabilities summing to 1, got {probs}."
+                f"Centre {self.name!r}: aneurysm_count_probs must be probabilities of 0, 1, 2, ... aneurysms "
+                f"summing to 1, got {probs}."
             )
         if not 0 < self.aneurysm_min_mm < self.aneurysm_median_mm < self.aneurysm_max_mm:
             raise ValueError(

@@ -23,6 +23,7 @@ def resolve_datalist(
     synthetic_centre: str = "A",
     synthetic_splits: list[int] | None = None,
     synthetic_negatives: int = 0,
+    synthetic_training_aneurysms: list[float] | None = None,
 ) -> str:
     """Path of the datalist to read, generating the synthetic default dataset when none is given.
 
@@ -32,8 +33,9 @@ def resolve_datalist(
             relative to the folder), or None for the synthetic default.
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
-        synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives: how to generate it (see
-            ``scripts.data.synthetic.ensure_dataset``; a dataset there made another way is regenerated).
+        synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives,
+        synthetic_training_aneurysms: how to generate it (see ``scripts.data.synthetic.ensure_dataset``; a
+            dataset there made another way is regenerated).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but has no datalist.
@@ -60,6 +62,7 @@ def resolve_datalist(
             centre=synthetic_centre,
             splits=synthetic_splits,
             negatives=synthetic_negatives,
+            training_aneurysms=synthetic_training_aneurysms,
         )
 
 

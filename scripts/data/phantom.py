@@ -144,7 +144,7 @@ def generate_geometry(seed: int, centre: str | Centre = "A") -> PhantomGeometry:
     rng, _ = _streams(seed)
     extent = (np.asarray(style.shape) - 1) * np.asarray(style.spacing)
     tree = grow_vessel_tree(rng, extent)
-    count = int(rng.choice(3, p=style.aneurysm_count_probs))
+    count = int(rng.choice(len(style.aneurysm_count_probs), p=style.aneurysm_count_probs))
     aneurysms = place_aneurysms(
         rng,
         tree,

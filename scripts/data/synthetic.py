@@ -19,6 +19,7 @@ Command line::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ def write_dataset(
     previews: int = 0,
     splits: Sequence[int] | None = None,
     negatives: int = 0,
+    training_aneurysms: Sequence[float] | None = None,
 ) -> str:
     """Generate ``num_cases`` cases of ``centre`` into ``output_dir`` (overwriting) and write ``dataset.json``.
 
@@ -102,6 +104,10 @@ def write_dataset(
         negatives: how many of the training cases (the last ones) are vessel-free: tissue texture, bone,
             artefacts and noise with an all-background label, so that a model sees whole windows and
             volumes of background. Default 0.
+        training_aneurysms: probabilities of 0, 1, 2, ... aneurysms in each training phantom with vessels,
+            instead of the centre's ``aneurysm_count_probs`` (which validation and test phantoms keep), so
+            that a small training set shows more aneurysms. Each phantom grows the same vessel tree either
+            way (its aneurysms and hard negatives differ).
 
     An existing ``dataset.json`` is deleted first, so that an interrupted overwrite cannot leave it
     describing a mix of old and new cases.
@@ -110,14 +116,17 @@ def write_dataset(
         the path of ``dataset.json``.
     """
     style = get_centre(centre)
-    recipe = dataset_recipe(num_cases, seed, style, splits, negatives)
+    recipe = dataset_recipe(num_cases, seed, style, splits, negatives, training_aneurysms)
     num_train, num_val, num_test = recipe["splits"]
     if previews < 0:
         raise ValueError(f"previews must be >= 0, got {previews}.")
     output_dir = os.path.abspath(os.fspath(output_dir))
     json_path = _clear_folder(output_dir)
     start = time.perf_counter()
-    cases = _write_cases(output_dir, style, seed, recipe["splits"], negatives, previews)
+    training_style = style
+    if training_aneurysms is not None:
+        training_style = dataclasses.replace(style, aneurysm_count_probs=tuple(recipe["training_aneurysms"]))
+    cases = _write_cases(output_dir, style, training_style, seed, recipe["splits"], negatives, previews)
     _atomic_json(_dataset_description(style, seed, recipe, cases), json_path)
     logger.info(
         "wrote %s: %d training, %d validation, %d test cases in %.1f s",
@@ -131,16 +140,27 @@ def write_dataset(
 
 
 def _write_cases(
-    output_dir: str, style: Centre, seed: int, counts: Sequence[int], negatives: int, previews: int
+    output_dir: str,
+    style: Centre,
+    training_style: Centre,
+    seed: int,
+    counts: Sequence[int],
+    negatives: int,
+    previews: int,
 ) -> dict[str, list[dict]]:
-    """Generate and save every case (see :func:`write_dataset`); return the datalist entries by split."""
+    """Generate and save every case (see :func:`write_dataset`); return the datalist entries by split.
+
+    Training cases are drawn with ``training_style`` (``style`` but for its aneurysm counts), the others
+    with ``style``.
+    """
     num_train, num_val, _ = counts
     num_cases = sum(counts)
     cases: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for index in range(num_cases):
         split = "training" if index < num_train else "validation" if index < num_train + num_val else "test"
         vessel_free = split == "training" and index >= num_train - negatives
-        phantom = (_vessel_free_case if vessel_free else generate_case)(case_seed(seed, index), style)
+        case_style = training_style if split == "training" else style
+        phantom = (_vessel_free_case if vessel_free else generate_case)(case_seed(seed, index), case_style)
         name = f"3dra_{style.name}_{index:04d}"
         cases[split].append(_write_case(phantom, output_dir, name, "Ts" if split == "test" else "Tr"))
         if index < previews:
@@ -243,6 +263,7 @@ def dataset_recipe(
     centre: str | Centre,
     splits: Sequence[int] | None = None,
     negatives: int = 0,
+    training_aneurysms: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Everything that shapes a synthetic dataset; two datasets with equal recipes hold the same cases.
 
@@ -254,6 +275,10 @@ def dataset_recipe(
         centre: centre name or :class:`~scripts.data.Centre` (every field counts: spacing, shape, ...).
         splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
         negatives: vessel-free training cases (see :func:`write_dataset`).
+        training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
+
+    Raises:
+        ValueError: a setting is out of range (the message names it).
     """
     style = get_centre(centre)
     counts = split_sizes(num_cases) if splits is None else _check_splits(num_cases, splits)
@@ -267,9 +292,29 @@ def dataset_recipe(
         "seed": int(seed),
         "splits": list(counts),
         "negatives": negatives,
+        "training_aneurysms": _check_counts(style, training_aneurysms),
         "centre": style.to_dict(),
     }
     return json.loads(json.dumps(recipe))  # as it reads back from dataset.json (tuples become lists)
+
+
+def _check_counts(style: Centre, probs: Sequence[float] | None) -> list[float] | None:
+    """``probs`` as a list of floats, checked as the centre checks its own counts; ``None`` passes."""
+    if probs is None:
+        return None
+    if isinstance(probs, str | bytes) or not isinstance(probs, Sequence):
+        raise ValueError(
+            f"training_aneurysms must be a list of probabilities of 0, 1, 2, ... aneurysms, got {probs!r}."
+        )
+    try:
+        values = tuple(float(p) for p in probs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"training_aneurysms must hold numbers, got {list(probs)!r}.") from error
+    try:
+        dataclasses.replace(style, aneurysm_count_probs=values)
+    except ValueError as error:
+        raise ValueError(f"training_aneurysms: {error}") from error
+    return list(values)
 
 
 def _check_splits(num_cases: int, splits: Sequence[int]) -> tuple[int, int, int]:
@@ -289,6 +334,7 @@ def ensure_dataset(
     centre: str = "A",
     splits: Sequence[int] | None = None,
     negatives: int = 0,
+    training_aneurysms: Sequence[float] | None = None,
 ) -> str:
     """Return ``dataset_dir/dataset.json``, generating the dataset unless the one there has the same recipe.
 
@@ -304,6 +350,7 @@ def ensure_dataset(
         centre: centre name.
         splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
         negatives: vessel-free training cases (see :func:`write_dataset`).
+        training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
 
     Returns:
         the path of ``dataset.json``.
@@ -311,7 +358,7 @@ def ensure_dataset(
     Raises:
         ValueError: the folder holds a ``dataset.json`` that is not a synthetic dataset of this generator.
     """
-    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives)
+    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives, training_aneurysms)
     json_path = os.path.join(os.path.abspath(os.fspath(dataset_dir)), DATASET_JSON)
     old = _written_recipe(json_path)
     if old == recipe:
@@ -337,6 +384,7 @@ def ensure_dataset(
         centre=get_centre(centre),
         splits=splits,
         negatives=negatives,
+        training_aneurysms=training_aneurysms,
     )
 
 

@@ -37,3 +37,29 @@ def test_only_local_rank_zero_generates_the_synthetic_dataset(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("generated_by_rank_*")) == ["generated_by_rank_0"]
     paths = {Path(tmp_path, f"rank_{rank}_read").read_text() for rank in range(WORLD_SIZE)}
     assert paths == {str(tmp_path / "synthetic" / "dataset.json")}
+
+
+def test_training_config_passes_every_synthetic_setting(monkeypatch, tmp_path):
+    """configs/train.yaml's synthetic_* keys reach ensure_dataset (a key left unwired would be ignored silently)."""
+    import scripts.data.synthetic as synthetic
+    from scripts.data.datalist import bundle_datalist
+
+    seen = {}
+
+    def recording(dataset_dir, **kwargs):
+        seen.update(kwargs, dataset_dir=dataset_dir)
+        return "dataset.json"
+
+    monkeypatch.setattr(synthetic, "ensure_dataset", recording)
+    asked = {
+        "num_cases": 7,
+        "seed": 3,
+        "centre": "B",
+        "splits": [4, 2, 1],
+        "negatives": 1,
+        "training_aneurysms": [0.0, 0.5, 0.5],
+    }
+    # config key of each ensure_dataset argument: synthetic_<argument>, but synthetic_cases for num_cases
+    overrides = {("synthetic_cases" if k == "num_cases" else f"synthetic_{k}"): v for k, v in asked.items()}
+    assert bundle_datalist("datalist", {**overrides, "synthetic_dir": str(tmp_path)}) == "dataset.json"
+    assert seen == {**asked, "dataset_dir": str(tmp_path)}

@@ -118,9 +118,10 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         {"centre": dataclasses.replace(SMALL_A, spacing=(0.5, 0.5, 0.5))},
         {"centre": dataclasses.replace(SMALL_A, name="B")},
         {"splits": (1, 1, 1)},
+        {"training_aneurysms": (0.0, 0.0, 1.0)},
         {"generator_version": "0.0.1"},
     ],
-    ids=["case_count", "seed", "spacing", "centre", "splits", "generator_version"],
+    ids=["case_count", "seed", "spacing", "centre", "splits", "training_aneurysms", "generator_version"],
 )
 def test_ensure_dataset_regenerates_when_the_recipe_differs(tmp_path, caplog, monkeypatch, change):
     """Whatever shapes the data (count, seed, centre settings, splits, generator) forces a new dataset."""
@@ -203,3 +204,36 @@ def test_vessel_free_training_cases(tmp_path):
     assert all(np.isfinite(i).all() and i.std() > 0 for i in images)
     with pytest.raises(ValueError, match="negatives"):
         write_dataset(str(tmp_path / "bad"), num_cases=3, splits=(1, 1, 1), negatives=2)
+
+
+def test_training_aneurysms_change_the_training_phantoms_only(tmp_path):
+    """``training_aneurysms`` draws the training phantoms' aneurysm counts; validation and test keep the centre's."""
+    path = write_dataset(
+        str(tmp_path), num_cases=6, seed=5, centre=SMALL_A, splits=(4, 1, 1), training_aneurysms=[0, 0, 0, 1]
+    )
+    written = json.loads(Path(path).read_text())
+    centre_counts = [
+        generate_case(synthetic.case_seed(5, i), SMALL_A).info["num_aneurysms"] for i in range(6)
+    ]
+    training = [e["num_aneurysms"] for e in written["training"]]
+    assert sum(training) > sum(centre_counts[:4])  # 3 asked each; the centre's mix gives 0-2
+    assert max(training) == 3
+    held_out = [e["num_aneurysms"] for e in written["validation"] + written["test"]]
+    assert held_out == centre_counts[4:]
+    assert written["synthetic_recipe"]["training_aneurysms"] == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("probs", "match"),
+    [
+        ([0.5, 0.6], "summing to 1"),
+        ([-0.5, 1.5], "summing to 1"),
+        ([], "summing to 1"),
+        ("0,1", "list of probabilities"),
+        (["one"], "numbers"),
+    ],
+)
+def test_training_aneurysms_refused(tmp_path, probs, match):
+    with pytest.raises(ValueError, match=f"training_aneurysms.*{match}|{match}"):
+        ensure_dataset(str(tmp_path), num_cases=3, centre=SMALL_A, training_aneurysms=probs)
+    assert not (tmp_path / "dataset.json").exists()
