@@ -570,6 +570,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "deep_supervision",
         "intensity_upper_percentile",
         "intensity_noise_floor",
+        "intensity_exclude_fill",
     ]
     keys += [
         "postprocess_min_component_mm3",
@@ -577,6 +578,8 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_detached_aneurysm_label",
         "postprocess_min_intensity",
         "postprocess_min_component_fraction",
+        "postprocess_min_aneurysm_height_mm",
+        "postprocess_min_aneurysm_aspect_ratio",
     ]
     assert [k for k in keys if train[k] != infer[k]] == []
     assert [t["_target_"] for t in train["loading"]] == [t["_target_"] for t in infer["loading"]]
