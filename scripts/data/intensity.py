@@ -55,8 +55,8 @@ def fill_mask(image: np.ndarray, edge: int = 2) -> np.ndarray | None:
 
     Returns:
         boolean array of ``image``'s shape, or ``None`` when the corners differ (no fill), the corner value is
-        not above the median of the other voxels (a dark fill, or a background clipped to 0) or ``image`` has
-        fewer than three axes. Values within a relative 1e-5 of the corner value count, so that a fill
+        not above the median of the other voxels (a dark fill, or a background clipped to 0), there are no
+        other voxels (a constant volume) or ``image`` has fewer than three axes. Values within a relative 1e-5 of the corner value count, so that a fill
         resampled by linear interpolation is still found.
     """
     if image.ndim < 3:
@@ -71,7 +71,7 @@ def fill_mask(image: np.ndarray, edge: int = 2) -> np.ndarray | None:
     touching = np.unique(components[[0, -1]][:, [0, -1]][:, :, [0, -1]])
     fill = np.isin(components, touching[touching > 0])
     rest = image.reshape(-1, *image.shape[-3:])[:, ~fill]
-    if rest.size and float(value) <= float(np.median(rest)):
+    if not rest.size or float(value) <= float(np.median(rest)):  # a constant volume, or a dark fill
         return None
     if edge > 0:
         fill = ndimage.binary_dilation(fill, iterations=edge)
@@ -96,8 +96,6 @@ def robust_scale(
     array = image.detach().float().cpu().numpy()
     fill = fill_mask(array) if exclude_fill else None
     values = array.ravel() if fill is None else array[~fill]
-    if values.size == 0:  # constant volume
-        return (image.float() * 0.0).clamp_(0.0, 1.0)
     median = float(np.median(values))
     sigma = _MAD_TO_SIGMA * float(np.median(np.abs(values - median)))
     upper = float(np.percentile(values, upper_percentile))
