@@ -26,7 +26,9 @@ from scripts.metrics import DEFAULT_CLASSES, case_metrics
 from scripts.switches import check_switch
 
 __all__ = [
+    "MODEL_SELECTIONS",
     "EmbeddingCacheStats",
+    "FinalModelSaver",
     "FinalValidation",
     "ProgressLogger",
     "ResumableCheckpoint",
@@ -34,6 +36,7 @@ __all__ = [
     "SeedEachEpoch",
     "SegmentationMetricsWriter",
     "class_output",
+    "model_filenames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -245,8 +248,8 @@ class FinalValidation:
     """Validate after the last epoch when ``interval`` did not land on it.
 
     Without this, training for a number of epochs that is not a multiple of ``val_interval`` never
-    judges (nor saves as ``model.pt``) its last epochs, and a run shorter than ``val_interval`` writes
-    no ``model.pt`` at all.
+    judges (nor saves as the best model) its last epochs, and a run shorter than ``val_interval`` writes
+    no best model at all.
 
     Args:
         validator: the evaluator that ``ValidationHandler`` runs.
@@ -355,6 +358,50 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     def remove(self, filename: str) -> None:
         self._superseded.append(filename)
+
+
+MODEL_SELECTIONS = ("final", "best")
+
+
+def model_filenames(selection: str) -> dict[str, str]:
+    """File names of the two models a training run writes, ``{"final": ..., "best": ...}``.
+
+    The model at the end of training and the model of the best validation score are both kept; the
+    ``selection`` of them is ``model.pt`` (what evaluation, inference and a release use), the other
+    ``model_final.pt`` or ``model_best.pt``. nnU-Net ships the final model too: with few validation
+    cases the best score is noisy, and it picked early, undertrained epochs here (docs/recipe.md).
+
+    Raises:
+        ValueError: ``selection`` is not one of :data:`MODEL_SELECTIONS`.
+    """
+    if selection not in MODEL_SELECTIONS:
+        raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {selection!r}.")
+    other = "best" if selection == "final" else "final"
+    return {selection: "model.pt", other: f"model_{other}.pt"}
+
+
+class FinalModelSaver:
+    """Save the network's state dict as ``filename`` once training completes, atomically, on rank 0.
+
+    Only a run that completes writes it: a run stopped early leaves the previous file as it was.
+
+    Args:
+        save_dir: folder of the file.
+        network: the network (a ``DistributedDataParallel`` wrapper is saved as the module inside).
+        filename: for example ``model.pt``.
+    """
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str) -> None:
+        self.save_dir, self.network, self.filename = save_dir, network, filename
+
+    def attach(self, engine: Engine) -> None:
+        checkpoint = Checkpoint(
+            to_save={"model": self.network},
+            save_handler=AtomicDiskSaver(self.save_dir),
+            filename_pattern=self.filename,
+            n_saved=None,
+        )
+        engine.add_event_handler(Events.COMPLETED, checkpoint)
 
 
 class ResumableCheckpoint:

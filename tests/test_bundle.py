@@ -55,13 +55,13 @@ def trained(tiny_dataset, tmp_path_factory) -> Path:
     return root
 
 
-def test_training_writes_best_and_resumable_checkpoints(trained):
-    assert (trained / "models" / "model.pt").is_file()
+def test_training_writes_final_best_and_resumable_checkpoints(trained):
+    assert (trained / "models" / "model_best.pt").is_file()
     resumable = torch.load(trained / "models" / "checkpoint_epoch=1.pt", weights_only=False)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(resumable)
-    best = torch.load(trained / "models" / "model.pt", weights_only=False)
-    assert best["dino.encoder._extra_state"]["source"] == "random:0"
-    assert not any(k.startswith("dino.encoder.backbone") for k in best)
+    final = torch.load(trained / "models" / "model.pt", weights_only=False)
+    assert final["dino.encoder._extra_state"]["source"] == "random:0"
+    assert not any(k.startswith("dino.encoder.backbone") for k in final)
     assert list((trained / "outputs" / "tensorboard").iterdir())
 
 
@@ -110,6 +110,12 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
     scheduler and counters as two epochs straight, and the epoch-1 checkpoint survived the kill."""
     settings = {"dataset_dir": str(two_case_dataset), "epochs": 2, "val_interval": 1}
     run_workflow(workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings))
+    straight = tmp_path / "straight" / "models"
+    # model.pt is the model at the end of training (model_selection 'final')
+    assert_same_state(
+        torch.load(straight / "model.pt", weights_only=True),
+        torch.load(straight / "checkpoint_epoch=2.pt", weights_only=True)["model"],
+    )
 
     real_save = torch.save
 
@@ -127,7 +133,8 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
         interrupted.run()
     monkeypatch.undo()
     models = root / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    # a run that did not complete writes no final model.pt
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=1.pt", "model_best.pt"]
     assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2
 
     resume = str(models / "checkpoint_epoch=1.pt")
@@ -399,7 +406,7 @@ def test_multi_gpu_training_writes_and_logs_from_rank_0_only(ddp_trained):
     cache (content-addressed, written atomically)."""
     _, run = ddp_trained
     wrote0, wrote1 = run["wrote0"], run["wrote1"]
-    assert {"models/checkpoint_epoch=2.pt", "models/model.pt"} <= wrote0, sorted(wrote0)
+    assert {"models/checkpoint_epoch=2.pt", "models/model.pt", "models/model_best.pt"} <= wrote0, sorted(wrote0)
     assert any(p.startswith("outputs/tensorboard/events.out.tfevents.") for p in wrote0), sorted(wrote0)
     assert wrote1 and all(p.startswith("outputs/embedding_cache/") for p in wrote1), sorted(wrote1)
     for line in ("ETA", "train_loss", "val_mean_dice", "Saved checkpoint", "cache hit rate"):
@@ -416,6 +423,14 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[float]]:
         for tag in accumulator.Tags()["scalars"]:
             values.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
     return values
+
+
+def test_multi_gpu_training_saves_the_final_model_unwrapped(ddp_trained):
+    """model.pt of a DistributedDataParallel run is the plain network's state at the end, loadable as is."""
+    root, _ = ddp_trained
+    final = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert_same_state(final, torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"])
+    assert not any(key.startswith("module.") for key in final)
 
 
 def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_case_dataset, tmp_path):
@@ -630,7 +645,7 @@ def test_evaluation_infers_as_inference_does():
 
 
 def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
-    # model.pt is chosen by this metric: a skipped empty-truth case would hide false positives
+    # the best model is chosen by this metric: a skipped empty-truth case would hide false positives
     parser = ConfigParser()
     parser.read_config(TRAIN)
     metrics = {
@@ -656,8 +671,30 @@ def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
     )
 
 
+def test_model_selection_best_makes_the_best_validated_model_model_pt(tiny_dataset, tmp_path):
+    run_workflow(
+        workflow(
+            TRAIN, "train", bundle_root=str(tmp_path), dataset_dir=str(tiny_dataset), epochs=1,
+            model_selection="best",
+        )
+    )
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "checkpoint_epoch=1.pt", "model.pt", "model_final.pt"
+    ]
+
+
+@pytest.mark.parametrize("selection", ["last", "Final", False, None])
+def test_model_selection_refuses_anything_but_final_or_best(selection):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"model_selection": selection})
+    with pytest.raises(RuntimeError) as error:  # the config expression wraps the function's own error
+        parser.get_parsed_content("model_files")
+    assert f"model_selection must be one of ('final', 'best'), got {selection!r}" in str(error.value.__cause__)
+
+
 def test_model_selection_counts_false_aneurysm_components():
-    """model.pt is picked by a score that drops when a false aneurysm appears beside a perfect one."""
+    """The best model is picked by a score that drops when a false aneurysm appears beside a perfect one."""
     parser = ConfigParser()
     parser.read_config(TRAIN)
     score = parser.get_parsed_content("validate#key_metric#val_score").metric_fn

@@ -154,7 +154,8 @@ def _notes(plan: StudyPlan, done: Mapping[str, Mapping[str, Any]], centres: Sequ
         f"with the same seed.",
         f"Each mean ± std (population std) is over the n test cases of a centre ({n_text}), the same cases "
         "for every row, scored in each case's own geometry and spacing; the model scored is each row's "
-        f"checkpoint with the best mean validation Dice on {plan.config.train_centre}'s validation split, "
+        "model.pt as its training chose it (train.yaml's model_selection: by default the model at the end of "
+        f"training, as nnU-Net's; 'best': the best score on {plan.config.train_centre}'s validation split), "
         "so test cases never train or select a model.",
         f"A missed or spurious structure scores Dice 0 and HD95 = {penalty} mm (never skipped). Failure: "
         f"aneurysm Dice < {FAILURE_DICE_THRESHOLD:g}, k of n cases.",
