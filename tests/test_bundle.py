@@ -406,7 +406,8 @@ def test_multi_gpu_training_writes_and_logs_from_rank_0_only(ddp_trained):
     cache (content-addressed, written atomically)."""
     _, run = ddp_trained
     wrote0, wrote1 = run["wrote0"], run["wrote1"]
-    assert {"models/checkpoint_epoch=2.pt", "models/model.pt", "models/model_best.pt"} <= wrote0, sorted(wrote0)
+    models = {"models/checkpoint_epoch=2.pt", "models/model.pt", "models/model_best.pt"}
+    assert models <= wrote0, sorted(wrote0)
     assert any(p.startswith("outputs/tensorboard/events.out.tfevents.") for p in wrote0), sorted(wrote0)
     assert wrote1 and all(p.startswith("outputs/embedding_cache/") for p in wrote1), sorted(wrote1)
     for line in ("ETA", "train_loss", "val_mean_dice", "Saved checkpoint", "cache hit rate"):
@@ -429,7 +430,8 @@ def test_multi_gpu_training_saves_the_final_model_unwrapped(ddp_trained):
     """model.pt of a DistributedDataParallel run is the plain network's state at the end, loadable as is."""
     root, _ = ddp_trained
     final = torch.load(root / "models" / "model.pt", weights_only=True)
-    assert_same_state(final, torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"])
+    last = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert_same_state(final, last)
     assert not any(key.startswith("module.") for key in final)
 
 
@@ -674,12 +676,18 @@ def test_validation_dice_scores_empty_masks_instead_of_skipping_them():
 def test_model_selection_best_makes_the_best_validated_model_model_pt(tiny_dataset, tmp_path):
     run_workflow(
         workflow(
-            TRAIN, "train", bundle_root=str(tmp_path), dataset_dir=str(tiny_dataset), epochs=1,
+            TRAIN,
+            "train",
+            bundle_root=str(tmp_path),
+            dataset_dir=str(tiny_dataset),
+            epochs=1,
             model_selection="best",
         )
     )
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "checkpoint_epoch=1.pt", "model.pt", "model_final.pt"
+        "checkpoint_epoch=1.pt",
+        "model.pt",
+        "model_final.pt",
     ]
 
 
@@ -690,7 +698,9 @@ def test_model_selection_refuses_anything_but_final_or_best(selection):
     parser.update({"model_selection": selection})
     with pytest.raises(RuntimeError) as error:  # the config expression wraps the function's own error
         parser.get_parsed_content("model_files")
-    assert f"model_selection must be one of ('final', 'best'), got {selection!r}" in str(error.value.__cause__)
+    assert f"model_selection must be one of ('final', 'best'), got {selection!r}" in str(
+        error.value.__cause__
+    )
 
 
 def test_model_selection_counts_false_aneurysm_components():
