@@ -143,8 +143,8 @@ def _check_settings(
     min_aneurysm_mm3: float,
     detached_aneurysm_label: Any,
     min_component_fraction: float,
-    min_aneurysm_height_mm: float = 0.0,
-    min_aneurysm_aspect_ratio: float = 0.0,
+    min_aneurysm_height_mm: float,
+    min_aneurysm_aspect_ratio: float,
 ) -> None:
     """Raise ValueError naming the first clean-up setting that is out of range."""
     if min_component_mm3 < 0 or min_aneurysm_mm3 < 0:

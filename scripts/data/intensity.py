@@ -56,8 +56,8 @@ def fill_mask(image: np.ndarray, edge: int = 2) -> np.ndarray | None:
     Returns:
         boolean array of ``image``'s shape, or ``None`` when the corners differ (no fill), the corner value is
         not above the median of the other voxels (a dark fill, or a background clipped to 0), there are no
-        other voxels (a constant volume) or ``image`` has fewer than three axes. Values within a relative 1e-5 of the corner value count, so that a fill
-        resampled by linear interpolation is still found.
+        other voxels (a constant volume) or ``image`` has fewer than three axes. Values within a relative
+        1e-5 of the corner value count, so that a fill resampled by linear interpolation is still found.
     """
     if image.ndim < 3:
         return None
