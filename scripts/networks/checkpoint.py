@@ -49,14 +49,14 @@ def load_network_weights(
     Raises:
         EncoderWeightsError: the file cannot be read, or holds no state dict.
         EncoderMismatchError: the checkpoint was trained with another encoder than ``network``'s.
-        ValueError: missing, unexpected or misshapen keys.
+        ValueError: missing, unexpected or misshapen keys, or a shape prior of other scales.
     """
     state = read_network_state(checkpoint)
     try:
         network.load_state_dict(state, strict=True)  # the encoder record is checked here too
     except EncoderMismatchError as error:
         raise EncoderMismatchError(f"{checkpoint}: {error}") from error
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # ValueError: the shape prior's scales differ
         raise ValueError(f"{checkpoint} does not fit {name}: {error}") from error
     return network
 

@@ -17,6 +17,7 @@ from scripts.switches import check_switch
 from .dino_path import DinoPath
 from .encoder_weights import DEFAULT_DINO_MODEL
 from .fusion import AdditiveFusion, CalibratedFusion
+from .shape_prior import HessianBlobness
 from .slice_encoder import EmbeddingCache, SliceEncoder
 
 __all__ = ["Dino3DRA", "count_parameters"]
@@ -72,6 +73,9 @@ class Dino3DRA(nn.Module):
         dino_dtype: dtype the frozen encoder runs in, ``"float32"`` or ``"bfloat16"``. Default float32.
         deep_supervision: decoder levels below full resolution with their own heads, trained by deep
             supervision; 0 to ``len(channels) - 2``. Default 0.
+        shape_prior_sigmas: Gaussian scales (voxels) of a fixed Hessian blobness channel
+            (:class:`~scripts.networks.shape_prior.HessianBlobness`) that the U-Net reads beside each input
+            channel; the DINO path sees the image alone. Default None: no shape prior, the paper's network.
         embedding_cache: cache of the slice encoder's embeddings
             (:class:`~scripts.embedding_cache.SliceEmbeddingCache`); unused without the DINO path, never in the
             state dict. Default None: every slice is encoded.
@@ -99,6 +103,7 @@ class Dino3DRA(nn.Module):
         local_files_only: bool | None = None,
         dino_dtype: str = "float32",
         deep_supervision: int = 0,
+        shape_prior_sigmas: Sequence[float] | None = None,
         embedding_cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
@@ -108,11 +113,14 @@ class Dino3DRA(nn.Module):
             roi_size,
             {"use_dino": use_dino, "use_room_lite": use_room_lite, "use_calibration": use_calibration},
             deep_supervision,
+            shape_prior_sigmas,
         )
         self.in_channels = in_channels
+        self.shape_prior = HessianBlobness(shape_prior_sigmas) if shape_prior_sigmas is not None else None
         self.divisor = 2 ** (len(channels) - 1)
 
-        self.conv_0 = TwoConv(3, in_channels, channels[0], act, norm, True, 0.0)
+        unet_in = 2 * in_channels if self.shape_prior is not None else in_channels
+        self.conv_0 = TwoConv(3, unet_in, channels[0], act, norm, True, 0.0)
         self.downs = nn.ModuleList(
             Down(3, channels[i - 1], channels[i], act, norm, True, 0.0) for i in range(1, len(channels))
         )
@@ -167,7 +175,8 @@ class Dino3DRA(nn.Module):
             followed by (B, out_channels, D / 2**l, H / 2**l, W / 2**l) for l = 1 .. ``deep_supervision``.
         """
         self._check_input(x)
-        skips = [self.conv_0(x)]
+        unet_in = x if self.shape_prior is None else torch.cat([x, self.shape_prior(x)], dim=1)
+        skips = [self.conv_0(unet_in)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         if self.dino is not None:
@@ -207,6 +216,7 @@ def _check_arguments(
     roi_size: Sequence[int],
     switches: dict[str, Any],
     deep_supervision: int,
+    shape_prior_sigmas: Any,
 ) -> None:
     """Raise ValueError naming the first argument of :class:`Dino3DRA` that it cannot be built with."""
     if spatial_dims != 3:
@@ -222,6 +232,13 @@ def _check_arguments(
         raise ValueError(
             f"deep_supervision must be an int from 0 to {levels_below} (heads below full resolution for "
             f"{len(channels)} levels), got {deep_supervision!r}."
+        )
+    if shape_prior_sigmas is not None and (
+        isinstance(shape_prior_sigmas, (str, bytes, bool)) or not isinstance(shape_prior_sigmas, Sequence)
+    ):
+        raise ValueError(
+            "shape_prior_sigmas must be None (no shape prior) or a list of Gaussian scales in voxels such as "
+            f"[1.5, 2, 3, 4.5, 6.5], got {shape_prior_sigmas!r}."
         )
 
 
