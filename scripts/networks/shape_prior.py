@@ -22,7 +22,7 @@ from torch import nn
 __all__ = ["HessianBlobness", "symmetric_eigenvalue_range"]
 
 # Scale-normalised curvature (sigma^2 * lambda, lumen at 1) at which a blob counts fully; weaker ones fade out.
-STRENGTH = 0.05
+STRENGTH = 0.15
 # Gaussian kernels are cut at this many sigmas, as scipy.ndimage does.
 TRUNCATE = 4.0
 

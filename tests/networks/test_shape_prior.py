@@ -43,8 +43,8 @@ def test_a_ball_is_a_blob_and_a_tube_of_the_same_width_is_not():
 def test_dark_structures_and_weak_blobs_fade_out():
     prior = HessianBlobness(SIGMAS)
     assert prior((1 - _ball(5.0))[None, None]).max() < 0.05  # a dark hole in a bright field
-    # a ball at 5 % of the lumen level: its blobness falls in proportion (full strength: 0.05 scale-normalised)
-    bright, faint = (prior(level * _ball(5.0)[None, None])[0, 0, 24, 24, 24] for level in (1.0, 0.05))
+    # a ball at 15 % of the lumen level: its blobness falls in proportion (full strength: 0.15 scale-normalised)
+    bright, faint = (prior(level * _ball(5.0)[None, None])[0, 0, 24, 24, 24] for level in (1.0, 0.15))
     assert bright > 0.9
     assert 0.1 < faint < 0.5
 
@@ -85,7 +85,7 @@ def _reference_blobness(image: np.ndarray, sigmas: tuple[float, ...]) -> np.ndar
                 )
         eig = np.linalg.eigvalsh(np.stack([np.stack([h[i, j] for j in range(3)], -1) for i in range(3)], -2))
         ratio = np.where(eig[..., 2] < 0, eig[..., 2] / np.minimum(eig[..., 0], -1e-12), 0.0)
-        out = np.maximum(out, ratio * np.clip(-eig[..., 0] / 0.05, 0.0, 1.0))
+        out = np.maximum(out, ratio * np.clip(-eig[..., 0] / 0.15, 0.0, 1.0))
     return out
 
 
