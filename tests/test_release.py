@@ -45,6 +45,8 @@ ZIP_NAME = f"{BUNDLE_NAME}_v{VERSION}.zip"
 
 
 def tiny_checkpoint(path: Path, dino_model: str = SOURCE) -> None:
+    """A tiny network as the bundle's configs build it (with their shape prior), saved to ``path``."""
+    inference = yaml.safe_load((BUNDLE_ROOT / "configs" / "inference.yaml").read_text())
     network = Dino3DRA(
         channels=CHANNELS,
         dino_model=dino_model,
@@ -52,6 +54,7 @@ def tiny_checkpoint(path: Path, dino_model: str = SOURCE) -> None:
         dino_image_size=TINY_IMAGE_SIZE,
         dino_dtype="bfloat16",
         roi_size=TINY["roi_size"],
+        shape_prior_sigmas=inference["shape_prior_sigmas"],
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
