@@ -113,7 +113,6 @@ class Dino3DRA(nn.Module):
             roi_size,
             {"use_dino": use_dino, "use_room_lite": use_room_lite, "use_calibration": use_calibration},
             deep_supervision,
-            shape_prior_sigmas,
         )
         self.in_channels = in_channels
         self.shape_prior = HessianBlobness(shape_prior_sigmas) if shape_prior_sigmas is not None else None
@@ -216,7 +215,6 @@ def _check_arguments(
     roi_size: Sequence[int],
     switches: dict[str, Any],
     deep_supervision: int,
-    shape_prior_sigmas: Any,
 ) -> None:
     """Raise ValueError naming the first argument of :class:`Dino3DRA` that it cannot be built with."""
     if spatial_dims != 3:
@@ -232,13 +230,6 @@ def _check_arguments(
         raise ValueError(
             f"deep_supervision must be an int from 0 to {levels_below} (heads below full resolution for "
             f"{len(channels)} levels), got {deep_supervision!r}."
-        )
-    if shape_prior_sigmas is not None and (
-        isinstance(shape_prior_sigmas, (str, bytes, bool)) or not isinstance(shape_prior_sigmas, Sequence)
-    ):
-        raise ValueError(
-            "shape_prior_sigmas must be None (no shape prior) or a list of Gaussian scales in voxels such as "
-            f"[1.5, 2, 3, 4.5, 6.5], got {shape_prior_sigmas!r}."
         )
 
 

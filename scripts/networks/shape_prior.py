@@ -86,9 +86,14 @@ class HessianBlobness(nn.Module):
 
     def __init__(self, sigmas: Sequence[float]) -> None:
         super().__init__()
+        if isinstance(sigmas, (str, bytes, bool)) or not isinstance(sigmas, Sequence):
+            raise ValueError(
+                "shape_prior_sigmas must be None (no shape prior) or a list of Gaussian scales in voxels such as "
+                f"[1.5, 2, 3, 4.5, 6.5], got {sigmas!r}."
+            )
         sigmas = tuple(float(s) for s in sigmas)
         if not sigmas or any(not math.isfinite(s) or s <= 0 for s in sigmas):
-            raise ValueError(f"shape prior sigmas must be positive voxel scales, got {sigmas!r}.")
+            raise ValueError(f"shape_prior_sigmas must be positive voxel scales, got {sigmas!r}.")
         self.sigmas = sigmas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
