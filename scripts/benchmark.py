@@ -56,7 +56,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from scripts.embedding_cache import SliceEmbeddingCache
-from scripts.inferers import cpu_bf16_supported
+from scripts.inferers import cpu_bf16_supported, encoder_dtype
 from scripts.networks import Dino3DRA
 
 __all__ = ["main"]
@@ -198,7 +198,7 @@ def main(
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     dino_model: str = "random",
-    dino_dtype: str = "bfloat16",
+    dino_dtype: str | None = None,
     device: str | None = None,
     threads: int | None = None,
     skip_inference: bool = False,
@@ -215,7 +215,8 @@ def main(
         overlap: sliding-window overlap. Default 0.25.
         sw_batch_size: windows per network call at inference. Default 4.
         dino_model: encoder weights; timing does not depend on them. Default ``"random"``.
-        dino_dtype: encoder dtype, ``"bfloat16"`` (the configs' default) or ``"float32"``.
+        dino_dtype: encoder dtype, ``"bfloat16"`` or ``"float32"``. Default: the configs' choice for the device
+            (:func:`~scripts.inferers.encoder_dtype`).
         device: ``"cuda"`` or ``"cpu"``. Default: cuda if available, else cpu.
         threads: torch CPU threads. Default: torch's default.
         skip_inference: measure training and the encoder only.
@@ -225,6 +226,7 @@ def main(
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _set_threads(threads)
+    dino_dtype = dino_dtype or encoder_dtype(device)
     volume_sizes = _parse_sizes(sizes)
     network_kwargs = {
         "dino_model": dino_model,
