@@ -585,6 +585,8 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "use_room_lite",
         "use_calibration",
         "deep_supervision",
+        "shape_prior_sigmas",
+        "shape_prior_convexity_sigma",
         "intensity_upper_percentile",
         "intensity_noise_floor",
         "intensity_exclude_fill",

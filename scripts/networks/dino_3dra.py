@@ -17,7 +17,7 @@ from scripts.switches import check_switch
 from .dino_path import DinoPath
 from .encoder_weights import DEFAULT_DINO_MODEL
 from .fusion import AdditiveFusion, CalibratedFusion
-from .shape_prior import HessianBlobness
+from .shape_prior import HessianBlobness, SurfaceConvexity
 from .slice_encoder import EmbeddingCache, SliceEncoder
 
 __all__ = ["Dino3DRA", "count_parameters"]
@@ -76,6 +76,8 @@ class Dino3DRA(nn.Module):
         shape_prior_sigmas: Gaussian scales (voxels) of a fixed Hessian blobness channel
             (:class:`~scripts.networks.shape_prior.HessianBlobness`) that the U-Net reads beside each input
             channel; the DINO path sees the image alone. Default None: no shape prior, the paper's network.
+        shape_prior_convexity_sigma: Gaussian scale (voxels) of a fixed surface-convexity channel
+            (:class:`~scripts.networks.shape_prior.SurfaceConvexity`) read the same way. Default None: none.
         embedding_cache: cache of the slice encoder's embeddings
             (:class:`~scripts.embedding_cache.SliceEmbeddingCache`); unused without the DINO path, never in the
             state dict. Default None: every slice is encoded.
@@ -104,6 +106,7 @@ class Dino3DRA(nn.Module):
         dino_dtype: str = "float32",
         deep_supervision: int = 0,
         shape_prior_sigmas: Sequence[float] | None = None,
+        shape_prior_convexity_sigma: float | None = None,
         embedding_cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
@@ -116,9 +119,13 @@ class Dino3DRA(nn.Module):
         )
         self.in_channels = in_channels
         self.shape_prior = HessianBlobness(shape_prior_sigmas) if shape_prior_sigmas is not None else None
+        self.convexity = (
+            SurfaceConvexity(shape_prior_convexity_sigma) if shape_prior_convexity_sigma is not None else None
+        )
         self.divisor = 2 ** (len(channels) - 1)
 
-        unet_in = 2 * in_channels if self.shape_prior is not None else in_channels
+        priors = [p for p in (self.shape_prior, self.convexity) if p is not None]
+        unet_in = (1 + len(priors)) * in_channels
         self.conv_0 = TwoConv(3, unet_in, channels[0], act, norm, True, 0.0)
         self.downs = nn.ModuleList(
             Down(3, channels[i - 1], channels[i], act, norm, True, 0.0) for i in range(1, len(channels))
@@ -174,7 +181,8 @@ class Dino3DRA(nn.Module):
             followed by (B, out_channels, D / 2**l, H / 2**l, W / 2**l) for l = 1 .. ``deep_supervision``.
         """
         self._check_input(x)
-        unet_in = x if self.shape_prior is None else torch.cat([x, self.shape_prior(x)], dim=1)
+        priors = [prior(x) for prior in (self.shape_prior, self.convexity) if prior is not None]
+        unet_in = torch.cat([x, *priors], dim=1) if priors else x
         skips = [self.conv_0(unet_in)]
         for down in self.downs:
             skips.append(down(skips[-1]))

@@ -7,6 +7,12 @@ learns this from the image alone only when it has seen many shapes: on 16 traini
 difference in aneurysm detection (Arimura et al., Acad. Radiol. 2004; Frangi et al., MICCAI 1998, for the
 eigenvalue analysis). This module computes one such measure per input channel, without parameters, and the
 U-Net reads it as an extra channel beside the image.
+
+Blobness describes the inside of a sac; at its wall it fades (the wall of a sac and of its parent artery look
+alike to a Hessian at the sac's own scale). :class:`SurfaceConvexity` describes the wall: the smaller principal
+curvature of the lumen's isosurface, near 0 on a tube (straight along its axis), about ``1 / radius`` on the
+dome of a sac, negative in the crotch of a bifurcation or a neck. Shape index and curvedness of isosurfaces are
+the classic cue of polyp and aneurysm detection in CT (Yoshida and Naeppi, IEEE TMI 2001).
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HessianBlobness", "symmetric_eigenvalue_range"]
+__all__ = ["HessianBlobness", "SurfaceConvexity", "symmetric_eigenvalue_range"]
 
 # Scale-normalised curvature (sigma^2 * lambda, lumen at 1) at which a blob counts fully; weaker ones fade out.
 STRENGTH = 0.15
 # Gaussian kernels are cut at this many sigmas, as scipy.ndimage does.
 TRUNCATE = 4.0
+# Scale-normalised curvature (sigma * kappa) mapped to +-1; the dome of a sac of radius r gives about sigma / r.
+CONVEXITY_SCALE = 0.3
+# Scale-normalised gradient (sigma * |grad|, lumen at 1; a sharp wall gives about 0.4) at which a surface counts
+# fully; flatter intensity (background noise, the inside of the lumen) fades out.
+EDGE_STRENGTH = 0.1
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,6 +54,24 @@ def _derivative_matrices(length: int, sigma: float) -> torch.Tensor:
     for order in range(3):
         matrices[order].index_put_((rows, cols), taps[order].repeat(length), accumulate=True)
     return matrices
+
+
+_GRADIENT_ORDERS = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+_HESSIAN_ORDERS = ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
+
+
+def _gaussian_derivatives(
+    image: torch.Tensor, sigma: float, orders: Sequence[tuple[int, int, int]]
+) -> list[torch.Tensor]:
+    """Scale-normalised Gaussian derivatives of (N, D, H, W) ``image``, one (N, D, H, W) tensor per (d, h, w)
+    order triple of ``orders``.
+
+    Separable: each axis is filtered by a small dense matrix product, much faster on a CPU than a convolution
+    with a one-voxel-wide kernel."""
+    d, h, w = (_derivative_matrices(n, sigma).to(image) for n in image.shape[1:])
+    along_w = {ow: torch.einsum("ndhw,vw->ndhv", image, w[ow]) for _, _, ow in orders}
+    along_hw = {(oh, ow): torch.einsum("ndhw,uh->nduw", along_w[ow], h[oh]) for _, oh, ow in orders}
+    return [torch.einsum("ndhw,ud->nuhw", along_hw[oh, ow], d[od]) for od, oh, ow in orders]
 
 
 def symmetric_eigenvalue_range(
@@ -109,15 +138,8 @@ class HessianBlobness(nn.Module):
         return out.reshape(x.shape).to(x.dtype)
 
     def _hessian(self, image: torch.Tensor, sigma: float) -> list[torch.Tensor]:
-        """The six scale-normalised second derivatives dd, hh, ww, dh, dw, hw of (N, D, H, W) ``image``.
-
-        Separable: each axis is filtered by a small dense matrix product, much faster on a CPU than a
-        convolution with a one-voxel-wide kernel."""
-        d, h, w = (_derivative_matrices(n, sigma).to(image) for n in image.shape[1:])
-        along_w = {o: torch.einsum("ndhw,vw->ndhv", image, w[o]) for o in (0, 1, 2)}
-        orders = ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
-        along_hw = {(oh, ow): torch.einsum("ndhw,uh->nduw", along_w[ow], h[oh]) for _, oh, ow in orders}
-        return [torch.einsum("ndhw,ud->nuhw", along_hw[oh, ow], d[od]) for od, oh, ow in orders]
+        """The six scale-normalised second derivatives dd, hh, ww, dh, dw, hw of (N, D, H, W) ``image``."""
+        return _gaussian_derivatives(image, sigma, _HESSIAN_ORDERS)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"sigmas": list(self.sigmas)}
@@ -128,4 +150,78 @@ class HessianBlobness(nn.Module):
             raise ValueError(
                 f"the checkpoint's shape prior was trained with sigmas {recorded}, this network has "
                 f"{self.sigmas}: set shape_prior_sigmas to the checkpoint's."
+            )
+
+
+class SurfaceConvexity(nn.Module):
+    """Convexity of the bright lumen's surface, one channel per input channel, in [-1, 1].
+
+    At scale ``sigma`` (voxels) the isosurface through each voxel has two principal curvatures, the eigenvalues
+    of the Hessian projected onto the surface's tangent plane, divided by the gradient's length (positive where
+    the bright side is convex). The output is the smaller of the two, scale-normalised (``sigma * kappa``) and
+    mapped to +-1 at :data:`CONVEXITY_SCALE`, times the edge weight ``min(sigma * |grad| / EDGE_STRENGTH, 1)``:
+    about 0 on the wall of a tube of any width and away from edges, positive on the dome of a sac (more for a
+    small one), negative in the crotch of a bifurcation and at a sac's neck. Like :class:`HessianBlobness` it
+    runs in float32 without gradients, has no parameters and records its scale in the state dict.
+
+    Args:
+        sigma: Gaussian scale in voxels of the network's grid (1.5: 0.6 mm in this bundle).
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, (int, float))
+            or not math.isfinite(sigma)
+            or sigma <= 0
+        ):
+            raise ValueError(
+                "shape_prior_convexity_sigma must be None (no convexity channel) or a positive Gaussian scale in "
+                f"voxels such as 1.5, got {sigma!r}."
+            )
+        self.sigma = float(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) image, lumen near 1 -> (B, C, D, H, W) convexity in [-1, 1], ``x``'s dtype."""
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            b, c = x.shape[:2]
+            image = x.detach().float().reshape(b * c, *x.shape[2:])
+            g = _gaussian_derivatives(image, self.sigma, _GRADIENT_ORDERS)
+            dd, hh, ww, dh, dw, hw = _gaussian_derivatives(image, self.sigma, _HESSIAN_ORDERS)
+            length = torch.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2).clamp_min(1e-12)
+            n = [gi / length for gi in g]
+            hessian = ((dd, dh, dw), (dh, hh, hw), (dw, hw, ww))
+            hn = [hessian[i][0] * n[0] + hessian[i][1] * n[1] + hessian[i][2] * n[2] for i in range(3)]
+            normal = n[0] * hn[0] + n[1] * hn[1] + n[2] * hn[2]
+
+            def tangential(i: int, j: int) -> torch.Tensor:  # (P H P)_ij, P = I - n n^T
+                return hessian[i][j] - n[i] * hn[j] - hn[i] * n[j] + normal * n[i] * n[j]
+
+            m = {(i, j): tangential(i, j) for i in range(3) for j in range(i, 3)}
+            trace = m[0, 0] + m[1, 1] + m[2, 2]
+            minors = (
+                m[0, 0] * m[1, 1]
+                - m[0, 1] ** 2
+                + m[0, 0] * m[2, 2]
+                - m[0, 2] ** 2
+                + m[1, 1] * m[2, 2]
+                - m[1, 2] ** 2
+            )
+            # P H P has eigenvalue 0 along n; the other two are the roots of l^2 - trace l + minors. The curvature
+            # of the bright side is -l / |grad|, so the smaller curvature comes from the larger root.
+            larger = (trace + torch.sqrt((trace**2 - 4 * minors).clamp_min(0.0))) / 2
+            kappa = -larger / length  # scale-normalised derivatives: sigma * kappa
+            convexity = (kappa / CONVEXITY_SCALE).clamp(-1.0, 1.0) * (length / EDGE_STRENGTH).clamp(0.0, 1.0)
+        return convexity.reshape(x.shape).to(x.dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sigma": self.sigma}
+
+    def set_extra_state(self, state: Any) -> None:
+        recorded = float(state["sigma"]) if isinstance(state, dict) and "sigma" in state else None
+        if recorded != self.sigma:
+            raise ValueError(
+                f"the checkpoint's convexity channel was trained with sigma {recorded}, this network has "
+                f"{self.sigma}: set shape_prior_convexity_sigma to the checkpoint's."
             )

@@ -1,4 +1,5 @@
-"""The Hessian blobness shape prior: blobs against tubes, its filtering and eigenvalues, and its place in the net."""
+"""The shape priors (Hessian blobness, surface convexity): blobs and domes against tubes, their filtering and
+eigenvalues, and their place in the net."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from scipy import ndimage
 
 from scripts.networks import Dino3DRA, count_parameters
 from scripts.networks.checkpoint import load_network_weights
-from scripts.networks.shape_prior import HessianBlobness, symmetric_eigenvalue_range
+from scripts.networks.shape_prior import (
+    CONVEXITY_SCALE,
+    HessianBlobness,
+    SurfaceConvexity,
+    symmetric_eigenvalue_range,
+)
 
 SIGMAS = (1.5, 2.0, 3.0)
 
@@ -136,3 +142,73 @@ def test_a_checkpoint_loads_only_with_its_own_scales(tmp_path):
 def test_bad_scales_are_refused(sigmas):
     with pytest.raises(ValueError, match="sigmas"):
         Dino3DRA(use_dino=False, shape_prior_sigmas=sigmas)
+
+
+def _shell(radius: float, distance: torch.Tensor) -> torch.Tensor:
+    return (distance - radius).abs() < 0.6
+
+
+def test_convexity_is_the_inverse_radius_on_a_dome_zero_on_a_tube_and_negative_in_a_hollow():
+    sigma = 1.5
+    convexity = SurfaceConvexity(sigma)
+    d, h, w = _grid()
+    to_centre = (d**2 + h**2 + w**2).sqrt()
+    for radius in (6.0, 10.0):  # sigma * kappa = sigma / radius, mapped to 1 at CONVEXITY_SCALE
+        expected = sigma / radius / CONVEXITY_SCALE
+        dome = convexity(_ball(radius)[None, None])[0, 0][_shell(radius, to_centre)].median()
+        hollow = convexity((1 - _ball(radius))[None, None])[0, 0][_shell(radius, to_centre)].median()
+        assert dome == pytest.approx(expected, rel=0.15), radius
+        assert hollow == pytest.approx(-expected, rel=0.15), radius
+    for axis in range(3):  # straight along its axis: the smaller curvature of a tube's wall is 0
+        off_axis = [c for i, c in enumerate((d, h, w)) if i != axis]
+        wall = _shell(6.0, (off_axis[0] ** 2 + off_axis[1] ** 2).sqrt())
+        assert convexity(_tube(6.0, axis)[None, None])[0, 0][wall].abs().max() < 0.05, axis
+    assert convexity(_ball(6.0)[None, None])[0, 0][to_centre > 14].abs().max() < 0.01  # no edge, no surface
+
+
+def test_convexity_fades_with_the_edge_and_keeps_the_inputs_shape_and_dtype():
+    convexity = SurfaceConvexity(1.5)
+    ball = _ball(6.0)[None, None]
+    shell = _shell(6.0, torch.stack(_grid()).pow(2).sum(0).sqrt())
+    sharp, faint = (convexity(level * ball)[0, 0][shell].median() for level in (1.0, 0.05))
+    assert 0.1 < faint / sharp < 0.4  # an edge of 5 % of the lumen level: weight about 0.2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = convexity(ball.repeat(2, 2, 1, 1, 1).bfloat16())
+    assert out.shape == (2, 2, 48, 48, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[1, 1].float(), convexity(ball)[0, 0], atol=0.01, rtol=0.0)
+
+
+def test_the_unet_reads_the_convexity_beside_the_image_and_the_blobness():
+    net = Dino3DRA(
+        use_dino=False, channels=(8, 16, 32, 64), shape_prior_sigmas=SIGMAS, shape_prior_convexity_sigma=1.5
+    )
+    only = Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_convexity_sigma=1.5)
+    assert net.conv_0.conv_0.conv.in_channels == 3 and only.conv_0.conv_0.conv.in_channels == 2
+    x = _ball(6.0)[None, None] * 0.8 + 0.1 * torch.rand(1, 1, 48, 48, 48)
+    net.eval()
+    logits = net(x)
+    with torch.no_grad():  # the third input channel is the convexity: zeroing its weights changes the output
+        net.conv_0.conv_0.conv.weight[:, 2] = 0
+    assert not torch.allclose(net(x), logits)
+
+
+def test_a_checkpoint_loads_only_with_its_own_convexity_scale(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(
+        Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_convexity_sigma=1.5).state_dict(), path
+    )
+    load_network_weights(
+        Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_convexity_sigma=1.5), path
+    )
+    with pytest.raises(ValueError, match=r"model.pt.*sigma 1.5.*2.0"):
+        load_network_weights(
+            Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_convexity_sigma=2), path
+        )
+    with pytest.raises(ValueError, match=r"(?s)model.pt does not fit.*convexity"):
+        load_network_weights(Dino3DRA(use_dino=False, channels=(8, 16, 32, 64)), path)
+
+
+@pytest.mark.parametrize("sigma", [True, "1.5", [1.5], 0.0, -1.0, float("nan")])
+def test_bad_convexity_scales_are_refused(sigma):
+    with pytest.raises(ValueError, match="shape_prior_convexity_sigma"):
+        Dino3DRA(use_dino=False, shape_prior_convexity_sigma=sigma)
