@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HessianBlobness", "SurfaceConvexity", "symmetric_eigenvalue_range"]
+__all__ = ["CONVEXITY_SCALE", "HessianBlobness", "SurfaceConvexity", "symmetric_eigenvalue_range"]
 
 # Scale-normalised curvature (sigma^2 * lambda, lumen at 1) at which a blob counts fully; weaker ones fade out.
 STRENGTH = 0.15
