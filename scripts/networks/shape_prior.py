@@ -187,8 +187,10 @@ class SurfaceConvexity(nn.Module):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             b, c = x.shape[:2]
             image = x.detach().float().reshape(b * c, *x.shape[2:])
-            g = _gaussian_derivatives(image, self.sigma, _GRADIENT_ORDERS)
-            dd, hh, ww, dh, dw, hw = _gaussian_derivatives(image, self.sigma, _HESSIAN_ORDERS)
+            # one call: the first and second derivatives share their filtering along w and h
+            *g, dd, hh, ww, dh, dw, hw = _gaussian_derivatives(
+                image, self.sigma, _GRADIENT_ORDERS + _HESSIAN_ORDERS
+            )
             length = torch.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2).clamp_min(1e-12)
             n = [gi / length for gi in g]
             hessian = ((dd, dh, dw), (dh, hh, hw), (dw, hw, ww))
