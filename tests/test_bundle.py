@@ -65,6 +65,11 @@ def test_training_writes_final_best_and_resumable_checkpoints(trained):
     assert list((trained / "outputs" / "tensorboard").iterdir())
 
 
+# the resume tests' runs: two epochs, validated after each, on 16^3 windows (resuming does not depend on the
+# window; the U-Net and the shape prior cost a quarter of what they do at 32^3)
+TWO_EPOCHS = {"epochs": 2, "val_interval": 1, "roi_size": [16, 16, 16]}
+
+
 def assert_same_state(actual, expected, where: str = "checkpoint") -> None:
     """Nested state dicts equal bit for bit: same keys, same tensors (dtype, shape, values), same numbers."""
     if isinstance(expected, torch.Tensor):
@@ -108,7 +113,7 @@ def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
 ):
     """Killed while writing the epoch-2 checkpoint, then resumed from epoch 1: the same weights, optimizer,
     scheduler and counters as two epochs straight, and the epoch-1 checkpoint survived the kill."""
-    settings = {"dataset_dir": str(two_case_dataset), "epochs": 2, "val_interval": 1}
+    settings = {"dataset_dir": str(two_case_dataset), **TWO_EPOCHS}
     run_workflow(workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings))
     straight = tmp_path / "straight" / "models"
     # model.pt is the model at the end of training (model_selection 'final')
@@ -245,7 +250,9 @@ README_ABLATIONS = _readme_ablation_overrides()
 
 
 def _run_training(tmp_path, tiny_dataset, extra: list[str]) -> subprocess.CompletedProcess:
+    """One epoch of the training command line on 16^3 windows (these tests look at the network it builds)."""
     overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
+    overrides["roi_size"] = [16, 16, 16]
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
     command += ["--meta_file", META, "--logging_file", LOGGING, *cli_overrides(overrides), *extra]
     return subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
@@ -396,7 +403,7 @@ def torchrun_training(bundle_root: Path, dataset: Path, kill_before_rename_to: s
 def ddp_trained(two_case_dataset, tmp_path_factory) -> tuple[Path, dict]:
     """A bundle root trained for two epochs by two gloo processes, and what each process did."""
     root = tmp_path_factory.mktemp("ddp") / "straight"
-    run = torchrun_training(root, two_case_dataset, epochs=2, val_interval=1)
+    run = torchrun_training(root, two_case_dataset, **TWO_EPOCHS)
     assert run["returncode"] == 0, run["report"]
     return root, run
 
@@ -444,6 +451,7 @@ def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_ca
     parser.update(
         {
             **TINY,
+            "roi_size": TWO_EPOCHS["roi_size"],
             "bundle_root": str(tmp_path),
             "dataset_dir": str(two_case_dataset),
             "embedding_cache_dir": str(root / "outputs" / "embedding_cache"),  # the very same slice features
@@ -475,7 +483,12 @@ def test_multi_gpu_evaluation_writes_each_case_once_and_what_one_process_writes(
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset.json").write_text(json.dumps({"test": entries["training"][:1] + entries["validation"]}))
-    settings = {**TINY, "dataset_dir": str(data), "model_path": str(root / "models" / "model.pt")}
+    settings = {
+        **TINY,
+        "roi_size": TWO_EPOCHS["roi_size"],
+        "dataset_dir": str(data),
+        "model_path": str(root / "models" / "model.pt"),
+    }
     configs = [TRAIN, str(CONFIGS / "evaluate.yaml")]
     run = torchrun_workflow(
         "evaluating",
@@ -522,7 +535,7 @@ def test_multi_gpu_training_killed_and_resumed_ends_with_the_uninterrupted_model
     the run ends with the weights, optimizer, scheduler and counters of the uninterrupted one."""
     straight, _ = ddp_trained
     root = tmp_path / "interrupted"
-    settings = {"epochs": 2, "val_interval": 1}
+    settings = TWO_EPOCHS
     killed = torchrun_training(
         root, two_case_dataset, kill_before_rename_to="checkpoint_epoch=2.pt", **settings
     )
