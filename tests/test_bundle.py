@@ -65,9 +65,11 @@ def test_training_writes_final_best_and_resumable_checkpoints(trained):
     assert list((trained / "outputs" / "tensorboard").iterdir())
 
 
-# the resume tests' runs: two epochs, validated after each, on 16^3 windows (resuming does not depend on the
-# window; the U-Net and the shape prior cost a quarter of what they do at 32^3)
-TWO_EPOCHS = {"epochs": 2, "val_interval": 1, "roi_size": [16, 16, 16]}
+# 16^3 windows for tests of what does not depend on the window (resuming, the network a command line builds):
+# the U-Net and the shape prior cost about a quarter of what they do at 32^3
+SMALL_ROI = [16, 16, 16]
+# the resume tests' runs: two epochs, validated after each
+TWO_EPOCHS = {"epochs": 2, "val_interval": 1, "roi_size": SMALL_ROI}
 
 
 def assert_same_state(actual, expected, where: str = "checkpoint") -> None:
@@ -252,7 +254,7 @@ README_ABLATIONS = _readme_ablation_overrides()
 def _run_training(tmp_path, tiny_dataset, extra: list[str]) -> subprocess.CompletedProcess:
     """One epoch of the training command line on 16^3 windows (these tests look at the network it builds)."""
     overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
-    overrides["roi_size"] = [16, 16, 16]
+    overrides["roi_size"] = SMALL_ROI
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
     command += ["--meta_file", META, "--logging_file", LOGGING, *cli_overrides(overrides), *extra]
     return subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
@@ -451,7 +453,7 @@ def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_ca
     parser.update(
         {
             **TINY,
-            "roi_size": TWO_EPOCHS["roi_size"],
+            "roi_size": SMALL_ROI,
             "bundle_root": str(tmp_path),
             "dataset_dir": str(two_case_dataset),
             "embedding_cache_dir": str(root / "outputs" / "embedding_cache"),  # the very same slice features
@@ -485,7 +487,7 @@ def test_multi_gpu_evaluation_writes_each_case_once_and_what_one_process_writes(
     (data / "dataset.json").write_text(json.dumps({"test": entries["training"][:1] + entries["validation"]}))
     settings = {
         **TINY,
-        "roi_size": TWO_EPOCHS["roi_size"],
+        "roi_size": SMALL_ROI,
         "dataset_dir": str(data),
         "model_path": str(root / "models" / "model.pt"),
     }
