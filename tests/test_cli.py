@@ -4,6 +4,7 @@ working directory; and no library module configures logging behind its caller's 
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import subprocess
@@ -19,13 +20,21 @@ SCRIPTS = ROOT / "scripts"
 
 # logging.conf's fullFormatter, "%(asctime)s - %(name)s - %(levelname)s - %(message)s", on stdout
 CONF_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} - scripts\.probe - INFO - probe")
-# Runs an entry point as ``python -m`` does, with ``fire.Fire`` replaced by one log line: what the command
-# does is not tested here (each has its own tests), only how it logs.
+# Runs entry points as ``python -m`` does, one after the other in one process (each would pay MONAI's ~10 s
+# import on its own), with ``fire.Fire`` replaced by one log line: what a command does is not tested here
+# (each has its own tests), only how it logs. Before each, the root logger goes back to Python's unconfigured
+# state (no handler, WARNING), so a command that does not configure logging logs nothing on stdout; a marker line separates their outputs.
 PROBE = """
 import logging, runpy, sys
 import fire
 fire.Fire = lambda *args, **kwargs: logging.getLogger("scripts.probe").info("probe")
-runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+for module in sys.argv[1:]:
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    logging.root.setLevel(logging.WARNING)
+    sys.stdout.write(f"=== {module}\\n")
+    sys.stdout.flush()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 # Entry points not yet configured through configure_logging() (expected to fail, strictly), and modules
 # allowed to configure logging themselves: none now; kept so that a newcomer is listed, not hidden.
@@ -68,6 +77,24 @@ def test_every_known_command_is_found():
     assert expected <= set(entry_points())
 
 
+@pytest.fixture(scope="module")
+def probe_outputs(tmp_path_factory) -> dict[str, str]:
+    """What each entry point wrote on stdout when run by ``PROBE`` outside the bundle root, by module."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(LOGGING_FILE_VARIABLE, None)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *entry_points()],
+        cwd=tmp_path_factory.mktemp("elsewhere"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    parts = re.split(r"^=== (\S+)\n", result.stdout, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -77,30 +104,26 @@ def test_every_known_command_is_found():
         for m in entry_points()
     ],
 )
-def test_command_logs_in_logging_conf_format_from_any_directory(module, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop(LOGGING_FILE_VARIABLE, None)
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, module],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert CONF_LINE.fullmatch(result.stdout.strip()), result.stdout + result.stderr
+def test_command_logs_in_logging_conf_format_from_any_directory(module, probe_outputs):
+    assert CONF_LINE.fullmatch(probe_outputs[module].strip()), probe_outputs[module]
 
 
-def test_another_logging_file_from_the_environment(tmp_path):
+def test_another_logging_file_from_the_environment(tmp_path, monkeypatch, capsys):
     """``DINO3DRA_LOGGING_FILE`` swaps the file; a missing one is named, not a ``KeyError: 'formatters'``."""
     other = tmp_path / "other.conf"
     other.write_text(LOGGING_FILE.read_text().replace("format=%(asctime)s - ", "format=OTHER "))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), LOGGING_FILE_VARIABLE: str(other)}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, "scripts.score"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.stdout.strip() == "OTHER scripts.probe - INFO - probe", result.stdout + result.stderr
+    monkeypatch.setenv(LOGGING_FILE_VARIABLE, str(other))
+    touched = [logging.root, logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in touched]
+    try:
+        assert configure_logging() == other
+        logging.getLogger("scripts.probe").info("probe")
+    finally:  # give pytest's process its logging back
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+    assert capsys.readouterr().out.strip() == "OTHER scripts.probe - INFO - probe"
     with pytest.raises(FileNotFoundError, match="missing.conf"):
         configure_logging(tmp_path / "missing.conf")
 
