@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fire
 import nibabel as nib
 import numpy as np
 import pytest
@@ -251,13 +253,32 @@ def _readme_ablation_overrides() -> dict[str, list[str]]:
 README_ABLATIONS = _readme_ablation_overrides()
 
 
-def _run_training(tmp_path, tiny_dataset, extra: list[str]) -> subprocess.CompletedProcess:
-    """One epoch of the training command line on 16^3 windows (these tests look at the network it builds)."""
+def _train_as_typed(tmp_path, tiny_dataset, extra: list[str]) -> None:
+    """One epoch of ``python -m monai.bundle run training ...`` on 16^3 windows, its words parsed by fire as on
+    the command line, in this process (these tests look at the network a spelling builds or refuses; each
+    process would pay MONAI's ~10 s import; test_run_training_command_line runs the command itself)."""
     overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
     overrides["roi_size"] = SMALL_ROI
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
-    command += ["--meta_file", META, "--logging_file", LOGGING, *cli_overrides(overrides), *extra]
-    return subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    words = [
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--meta_file",
+        META,
+        *cli_overrides(overrides),
+        *extra,
+    ]
+    fire.Fire(importlib.import_module("monai.bundle.__main__"), command=words)
+
+
+def _messages(error: BaseException) -> str:
+    """An exception's message and those of its causes, as a traceback shows them."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
 
 
 def test_readme_lists_the_three_switches():
@@ -272,8 +293,7 @@ def test_readme_lists_the_three_switches():
 def test_readme_ablation_overrides_train_that_row(row, tiny_dataset, tmp_path):
     """Each documented override, typed as the README spells it, trains the network it names."""
     key, value = README_ABLATIONS[row]
-    result = _run_training(tmp_path, tiny_dataset, [key, value])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _train_as_typed(tmp_path, tiny_dataset, [key, value])
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
     names = " ".join(state)
     expected = {
@@ -287,9 +307,9 @@ def test_readme_ablation_overrides_train_that_row(row, tiny_dataset, tmp_path):
 @pytest.mark.parametrize("key", ["--use_dino", "--use_calibration", "--use_room_lite"])
 def test_lower_case_false_on_the_command_line_is_refused(key, tiny_dataset, tmp_path):
     # fire parses 'false' as the string "false", which is truthy: it must not train the full model
-    result = _run_training(tmp_path, tiny_dataset, [key, "false"])
-    assert result.returncode != 0
-    assert f"{key[2:]} must be True or False, got 'false'" in result.stdout + result.stderr
+    with pytest.raises(Exception) as refused:
+        _train_as_typed(tmp_path, tiny_dataset, [key, "false"])
+    assert f"{key[2:]} must be True or False, got 'false'" in _messages(refused.value)
     assert not (tmp_path / "models" / "model.pt").exists()
 
 
