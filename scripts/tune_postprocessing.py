@@ -16,7 +16,8 @@ wins, ties going to the mildest setting. Run from the bundle root::
     python -m scripts.tune_postprocessing --pred_dir outputs/tune/predictions \\
         --datalist data/synthetic_test_A_seed2000/dataset.json --split test
 
-It logs the table and the overrides to use, and writes ``postprocessing.json`` beside the predictions.
+It logs the best settings, the flat-aneurysm rule's trade-off and the overrides to use, and writes
+``postprocessing.json`` (the best setting, no post-processing, and every row scored) beside the predictions.
 The dark-voxel rule (``postprocess_min_intensity``) works on the softmax before the predictions are saved,
 so it stays on in them and is not tuned here.
 """
@@ -113,13 +114,19 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
         f"{'height':>6} {'aspect':>6} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
     )
-    lines = [header] + [
-        f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} {r['detached_aneurysm_label']!s:>10} "
-        f"{r['min_component_fraction']:8.2f} {r['min_aneurysm_height_mm']:6.1f} "
-        f"{r['min_aneurysm_aspect_ratio']:6.2f} "
-        f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
-        for r in rows[:10]
-    ]
+
+    def table(selected: list[dict]) -> str:
+        return "\n".join(
+            [header]
+            + [
+                f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} "
+                f"{r['detached_aneurysm_label']!s:>10} {r['min_component_fraction']:8.2f} "
+                f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} {r['score']:7.4f} "
+                f"{r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
+                for r in selected
+            ]
+        )
+
     none = next(
         r
         for r in rows
@@ -131,12 +138,19 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
         and r["min_aneurysm_aspect_ratio"] == 0
     )
     best = rows[0]
-    logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), "\n".join(lines))
+    shape_rows, seen = [], set()  # the second stage, best first; its all-off row is the first stage's best
+    for r in rows:
+        rule = (r["min_aneurysm_height_mm"], r["min_aneurysm_aspect_ratio"])
+        if all(r[k] == best[k] for k in GRID) and rule not in seen:
+            seen.add(rule)
+            shape_rows.append(r)
+    logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
+    logger.info("the flat-aneurysm rule on top of the best of the first stage:\n%s", table(shape_rows))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
     logger.info("use: %s", " ".join(f"--postprocess_{k} {best[k]}" for k in [*GRID, *SHAPE_GRID]))
     write_atomically(
         str(folder / "postprocessing.json"),
-        json.dumps({"best": best, "none": none, "cases": len(cases)}, indent=2) + "\n",
+        json.dumps({"best": best, "none": none, "cases": len(cases), "rows": rows}, indent=2) + "\n",
     )
     return best
 

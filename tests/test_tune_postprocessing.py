@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+
+import nibabel as nib
+import numpy as np
 from conftest import flat_aneurysm_scene, postprocessing_scene
 
-from scripts.tune_postprocessing import tune
+from scripts.tune_postprocessing import GRID, SHAPE_GRID, main, tune
 
 
 def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
@@ -36,3 +42,28 @@ def test_tuning_turns_the_flat_aneurysm_rule_on_when_a_wall_patch_is_false():
     assert best["min_aneurysm_height_mm"] > 0 or best["min_aneurysm_aspect_ratio"] > 0
     assert best["aneurysm_f1"] == 1.0
     assert {"min_aneurysm_height_mm", "min_aneurysm_aspect_ratio"} <= set(rows[-1])
+
+
+def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tmp_path, caplog):
+    """``main`` on saved predictions: ``postprocessing.json`` holds the best setting, no post-processing and
+    every row scored (both stages), and the log shows the flat-aneurysm rule's rows on top of the best."""
+    truth = flat_aneurysm_scene()
+    truth[truth == 2] = 1
+    truth[5:10, 17:22, 13:18] = 2
+    for folder in ("images", "labels", "predictions"):
+        (tmp_path / folder).mkdir()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    for name, array in (("images", truth.astype(np.float32)), ("labels", truth)):
+        nib.save(nib.Nifti1Image(array, affine), tmp_path / name / "case.nii.gz")
+    nib.save(nib.Nifti1Image(flat_aneurysm_scene(), affine), tmp_path / "predictions" / "case_seg.nii.gz")
+    entry = {"image": "images/case.nii.gz", "label": "labels/case.nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"validation": [entry]}))
+    with caplog.at_level(logging.INFO, logger="scripts.tune_postprocessing"):
+        best = main(str(tmp_path / "predictions"), str(tmp_path / "dataset.json"))
+    written = json.loads((tmp_path / "predictions" / "postprocessing.json").read_text())
+    shape_size = math.prod(len(values) for values in SHAPE_GRID.values())
+    grid_size = math.prod(len(values) for values in GRID.values()) + shape_size
+    assert written["best"] == best == written["rows"][0] and len(written["rows"]) == grid_size
+    assert written["none"]["score"] < best["score"] and written["cases"] == 1
+    (trade_off,) = [r.getMessage() for r in caplog.records if "flat-aneurysm rule" in r.getMessage()]
+    assert len(trade_off.splitlines()) == 1 + 1 + shape_size  # title, header, one row per rule
