@@ -37,7 +37,7 @@ from scripts.data.datalist import load_split
 from scripts.postprocessing import clean_segmentation
 from scripts.selection_metric import case_score
 
-__all__ = ["main", "tune"]
+__all__ = ["GRID", "SHAPE_GRID", "main", "tune"]
 
 logger = logging.getLogger(__name__)
 
