@@ -259,16 +259,8 @@ def _train_as_typed(tmp_path, tiny_dataset, extra: list[str]) -> None:
     process would pay MONAI's ~10 s import; test_run_training_command_line runs the command itself)."""
     overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(tiny_dataset), "epochs": 1}
     overrides["roi_size"] = SMALL_ROI
-    words = [
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        "--meta_file",
-        META,
-        *cli_overrides(overrides),
-        *extra,
-    ]
+    words = ["run", "training", "--config_file", TRAIN, "--meta_file", META]
+    words += [*cli_overrides(overrides), *extra]
     fire.Fire(importlib.import_module("monai.bundle.__main__"), command=words)
 
 

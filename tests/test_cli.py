@@ -23,7 +23,8 @@ CONF_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} - scripts\.probe -
 # Runs entry points as ``python -m`` does, one after the other in one process (each would pay MONAI's ~10 s
 # import on its own), with ``fire.Fire`` replaced by one log line: what a command does is not tested here
 # (each has its own tests), only how it logs. Before each, the root logger goes back to Python's unconfigured
-# state (no handler, WARNING), so a command that does not configure logging logs nothing on stdout; a marker line separates their outputs.
+# state (no handler, WARNING), so a command that does not configure logging logs nothing on stdout; a marker
+# line separates the commands' outputs.
 PROBE = """
 import logging, runpy, sys
 import fire
