@@ -613,6 +613,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "use_calibration",
         "deep_supervision",
         "shape_prior_sigmas",
+        "shape_prior_per_scale",
         "shape_prior_convexity_sigma",
         "intensity_upper_percentile",
         "intensity_noise_floor",

@@ -76,6 +76,7 @@ class Dino3DRA(nn.Module):
         shape_prior_sigmas: Gaussian scales (voxels) of a fixed Hessian blobness channel
             (:class:`~scripts.networks.shape_prior.HessianBlobness`) that the U-Net reads beside each input
             channel; the DINO path sees the image alone. Default None: no shape prior, the paper's network.
+        shape_prior_per_scale: the blobness as one channel per scale instead of their maximum. Default False.
         shape_prior_convexity_sigma: Gaussian scale (voxels) of a fixed surface-convexity channel
             (:class:`~scripts.networks.shape_prior.SurfaceConvexity`) read the same way. Default None: none.
         embedding_cache: cache of the slice encoder's embeddings
@@ -106,6 +107,7 @@ class Dino3DRA(nn.Module):
         dino_dtype: str = "float32",
         deep_supervision: int = 0,
         shape_prior_sigmas: Sequence[float] | None = None,
+        shape_prior_per_scale: bool = False,
         shape_prior_convexity_sigma: float | None = None,
         embedding_cache: EmbeddingCache | None = None,
     ) -> None:
@@ -114,18 +116,28 @@ class Dino3DRA(nn.Module):
             spatial_dims,
             channels,
             roi_size,
-            {"use_dino": use_dino, "use_room_lite": use_room_lite, "use_calibration": use_calibration},
+            {
+                "use_dino": use_dino,
+                "use_room_lite": use_room_lite,
+                "use_calibration": use_calibration,
+                "shape_prior_per_scale": shape_prior_per_scale,
+            },
             deep_supervision,
         )
         self.in_channels = in_channels
-        self.shape_prior = HessianBlobness(shape_prior_sigmas) if shape_prior_sigmas is not None else None
+        self.shape_prior = (
+            HessianBlobness(shape_prior_sigmas, shape_prior_per_scale)
+            if shape_prior_sigmas is not None
+            else None
+        )
         self.convexity = (
             SurfaceConvexity(shape_prior_convexity_sigma) if shape_prior_convexity_sigma is not None else None
         )
         self.divisor = 2 ** (len(channels) - 1)
 
         priors = [p for p in (self.shape_prior, self.convexity) if p is not None]
-        unet_in = (1 + len(priors)) * in_channels
+        prior_channels = sum(prior.channels_per_input for prior in priors)
+        unet_in = (1 + prior_channels) * in_channels
         self.conv_0 = TwoConv(3, unet_in, channels[0], act, norm, True, 0.0)
         self.downs = nn.ModuleList(
             Down(3, channels[i - 1], channels[i], act, norm, True, 0.0) for i in range(1, len(channels))

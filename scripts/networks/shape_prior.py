@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scripts.switches import check_switch
+
 __all__ = ["CONVEXITY_SCALE", "HessianBlobness", "SurfaceConvexity", "symmetric_eigenvalue_range"]
 
 # Scale-normalised curvature (sigma^2 * lambda, lumen at 1) at which a blob counts fully; weaker ones fade out.
@@ -106,14 +108,17 @@ class HessianBlobness(nn.Module):
     axis has ``l_max`` near 0), 0 on background, edges and dark structures. The output is its maximum over
     the scales. The image borders are extended by replication, so a vessel that leaves the window stays a
     tube. It runs in float32 (also under autocast) and without gradients; it has no parameters, and records
-    its scales in the state dict, so a model cannot be loaded with other scales than it was trained with.
+    its scales (and ``per_scale``) in the state dict, so a model cannot be loaded with other scales than it
+    was trained with.
 
     Args:
         sigmas: Gaussian scales in voxels of the network's grid (0.4 mm in this bundle: ``(1.5, 2, 3, 4.5,
             6.5)`` spans 0.6-2.6 mm, blobs of about 2-9 mm).
+        per_scale: one channel per scale instead of their maximum, so the reader also knows at which scale a
+            structure is a blob (a sac is a blob at its own width, its parent artery at none). Default False.
     """
 
-    def __init__(self, sigmas: Sequence[float]) -> None:
+    def __init__(self, sigmas: Sequence[float], per_scale: bool = False) -> None:
         super().__init__()
         if isinstance(sigmas, (str, bytes, bool)) or not isinstance(sigmas, Sequence):
             raise ValueError(
@@ -123,26 +128,36 @@ class HessianBlobness(nn.Module):
         sigmas = tuple(float(s) for s in sigmas)
         if not sigmas or any(not math.isfinite(s) or s <= 0 for s in sigmas):
             raise ValueError(f"shape_prior_sigmas must be positive voxel scales, got {sigmas!r}.")
+        check_switch("shape_prior_per_scale", per_scale)
         self.sigmas = sigmas
+        self.per_scale = per_scale
+
+    @property
+    def channels_per_input(self) -> int:
+        """Output channels per input channel: one per scale with ``per_scale``, else one."""
+        return len(self.sigmas) if self.per_scale else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) image, lumen near 1 -> (B, C, D, H, W) blobness in [0, 1], ``x``'s dtype."""
+        """(B, C, D, H, W) image, lumen near 1 -> (B, C * channels_per_input, D, H, W) blobness in [0, 1], ``x``'s
+        dtype; with ``per_scale`` the scales of input channel ``c`` are output channels ``c * S`` to ``c * S + S - 1``
+        in the order of ``sigmas``."""
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             b, c = x.shape[:2]
             image = x.detach().float().reshape(b * c, *x.shape[2:])
-            out = torch.zeros_like(image)
+            scales = []
             for sigma in self.sigmas:
                 smallest, largest = symmetric_eigenvalue_range(*self._hessian(image, sigma))
                 ratio = torch.where(largest < 0, largest / smallest.clamp_max(-1e-12), 0.0)
-                out = torch.maximum(out, ratio * (-smallest / STRENGTH).clamp(0.0, 1.0))
-        return out.reshape(x.shape).to(x.dtype)
+                scales.append(ratio * (-smallest / STRENGTH).clamp(0.0, 1.0))
+            out = torch.stack(scales, dim=1) if self.per_scale else functools.reduce(torch.maximum, scales)
+        return out.reshape(b, c * self.channels_per_input, *x.shape[2:]).to(x.dtype)
 
     def _hessian(self, image: torch.Tensor, sigma: float) -> list[torch.Tensor]:
         """The six scale-normalised second derivatives dd, hh, ww, dh, dw, hw of (N, D, H, W) ``image``."""
         return _gaussian_derivatives(image, sigma, _HESSIAN_ORDERS)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"sigmas": list(self.sigmas)}
+        return {"sigmas": list(self.sigmas), "per_scale": self.per_scale}
 
     def set_extra_state(self, state: Any) -> None:
         recorded = tuple(float(s) for s in state.get("sigmas", ())) if isinstance(state, dict) else None
@@ -150,6 +165,12 @@ class HessianBlobness(nn.Module):
             raise ValueError(
                 f"the checkpoint's shape prior was trained with sigmas {recorded}, this network has "
                 f"{self.sigmas}: set shape_prior_sigmas to the checkpoint's."
+            )
+        per_scale = state.get("per_scale", False)  # 0.9.0 and 0.9.1 recorded only the scales: the maximum
+        if per_scale != self.per_scale:
+            raise ValueError(
+                f"the checkpoint's shape prior was trained with per_scale {per_scale}, this network has "
+                f"{self.per_scale}: set shape_prior_per_scale to {per_scale}."
             )
 
 
@@ -167,6 +188,8 @@ class SurfaceConvexity(nn.Module):
     Args:
         sigma: Gaussian scale in voxels of the network's grid (1.5: 0.6 mm in this bundle).
     """
+
+    channels_per_input = 1
 
     def __init__(self, sigma: float) -> None:
         super().__init__()

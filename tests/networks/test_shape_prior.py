@@ -138,6 +138,57 @@ def test_a_checkpoint_loads_only_with_its_own_scales(tmp_path):
         load_network_weights(Dino3DRA(use_dino=False, channels=(8, 16, 32, 64)), path)
 
 
+def test_per_scale_blobness_gives_each_scale_its_own_channel_and_their_maximum_is_the_default():
+    sigmas = (1.5, 3.0, 6.5)
+    image = torch.stack([_ball(2.0), 0.7 * _ball(8.0)])[None]  # (1, 2, 48, 48, 48): two input channels
+    per_scale = HessianBlobness(sigmas, per_scale=True)(image)
+    assert per_scale.shape == (1, 2 * len(sigmas), 48, 48, 48)
+    for c in range(2):
+        for s, sigma in enumerate(sigmas):
+            torch.testing.assert_close(
+                per_scale[:, c * len(sigmas) + s], HessianBlobness([sigma])(image)[:, c], atol=1e-6, rtol=0.0
+            )
+        channels = per_scale[:, c * len(sigmas) : (c + 1) * len(sigmas)]
+        torch.testing.assert_close(
+            channels.amax(1), HessianBlobness(sigmas)(image)[:, c], atol=1e-6, rtol=0.0
+        )
+    # the maximum calls both centres a blob; the scales tell the 1.6 mm ball from the 6.4 mm one
+    small, large = per_scale[0, :3, 24, 24, 24], per_scale[0, 3:, 24, 24, 24]
+    assert small[0] > 0.9 and small[2] < 0.1
+    assert large[0] < 0.1 and large[2] > 0.9
+
+
+def test_the_unet_reads_one_channel_per_scale_and_loads_only_the_same_layout(tmp_path):
+    net = Dino3DRA(
+        use_dino=False, channels=(8, 16, 32, 64), shape_prior_sigmas=SIGMAS, shape_prior_per_scale=True
+    )
+    assert net.conv_0.conv_0.conv.in_channels == 1 + len(SIGMAS)
+    x = _ball(6.0)[None, None] * 0.8 + 0.1 * torch.rand(1, 1, 48, 48, 48)
+    net.eval()
+    logits = net(x)
+    with torch.no_grad():  # the last scale's channel is read: zeroing its weights changes the output
+        net.conv_0.conv_0.conv.weight[:, len(SIGMAS)] = 0
+    assert not torch.allclose(net(x), logits)
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+    maximum = Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_sigmas=SIGMAS)
+    with pytest.raises(ValueError, match=r"model.pt.*per_scale True.*shape_prior_per_scale to True"):
+        load_network_weights(maximum, path)
+    # a checkpoint of 0.9.0, which recorded only the scales, loads as the maximum and is refused per scale
+    old = maximum.state_dict()
+    old["shape_prior._extra_state"] = {"sigmas": list(SIGMAS)}
+    torch.save(old, path)
+    load_network_weights(Dino3DRA(use_dino=False, channels=(8, 16, 32, 64), shape_prior_sigmas=SIGMAS), path)
+    with pytest.raises(ValueError, match=r"model.pt.*per_scale False"):
+        load_network_weights(net, path)
+
+
+@pytest.mark.parametrize("per_scale", ["False", "false", 1, None])
+def test_per_scale_takes_only_a_real_bool(per_scale):
+    with pytest.raises(ValueError, match=r"shape_prior_per_scale must be True or False"):
+        Dino3DRA(use_dino=False, shape_prior_sigmas=SIGMAS, shape_prior_per_scale=per_scale)
+
+
 @pytest.mark.parametrize("sigmas", [True, "1.5", [], [0.0], [-1.0, 2.0], [float("nan")]])
 def test_bad_scales_are_refused(sigmas):
     with pytest.raises(ValueError, match="sigmas"):
