@@ -10,8 +10,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, SpatialCrop
 from monai.transforms.traits import MultiSampleTrait
+from scipy import ndimage
 
-__all__ = ["CacheAlignedRandCropByLabelClassesd", "aligned_starts", "empty_window_starts"]
+__all__ = [
+    "CacheAlignedRandCropByLabelClassesd",
+    "aligned_starts",
+    "bright_background_voxels",
+    "empty_window_starts",
+]
 
 
 def aligned_starts(size: int, roi: int, grid: int) -> np.ndarray:
@@ -59,6 +65,28 @@ def empty_window_starts(
     return np.stack([a[empty], b[empty], c[empty]], axis=1)
 
 
+def bright_background_voxels(image: np.ndarray, label: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Flat indices of unlabelled voxels as bright as the labelled lumen: bone, metal, bright streaks.
+
+    A voxel qualifies when it is more than ``margin`` voxels from every labelled voxel (so the partial-volume
+    rim of a vessel does not) and at least as bright as the median labelled voxel. A case with no labelled
+    voxel has none: its crops are all background anyway.
+
+    Args:
+        image: (D, H, W) intensities.
+        label: (D, H, W) integer classes, 0 background.
+        margin: voxels around the labels left out. Default 2.
+
+    Returns:
+        (K,) int array of flat indices into ``label``; K = 0 when none qualifies.
+    """
+    labelled = label > 0
+    if not labelled.any():
+        return np.zeros(0, dtype=np.int64)
+    near = ndimage.binary_dilation(labelled, iterations=margin) if margin > 0 else labelled
+    return np.flatnonzero((image >= np.median(image[labelled])) & ~near)
+
+
 class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampleTrait):
     """Random crops centred on a voxel of a class drawn with ``ratios``, with in-plane starts on a grid.
 
@@ -78,6 +106,11 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
             background; cases without such a window skip it). Without it a model never sees a window of
             background only, and at inference the per-window instance norm stretches such a window's
             noise into what it learnt as structure. Default 0.
+        bright_ratio: sampling weight, beside ``ratios``, of a crop centred on unlabelled background as bright
+            as the lumen (:func:`bright_background_voxels`: bone, metal; cases without any skip it). These
+            hard negatives are rare among crops centred by class, and a model that has seen few calls bone
+            vessel. Needs ``image_key``. Default 0.
+        image_key: the image the bright voxels are found in, (1, D, H, W). Default ``"image"``.
         grid: in-plane start grid in voxels. Default 32; 1 disables alignment.
         slice_axis: the spatial axis slices are taken across (free start). Default 2.
         allow_missing_keys: as in MONAI.
@@ -91,6 +124,8 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         ratios: Sequence[float],
         num_samples: int = 1,
         empty_ratio: float = 0.0,
+        bright_ratio: float = 0.0,
+        image_key: str = "image",
         grid: int = 32,
         slice_axis: int = 2,
         allow_missing_keys: bool = False,
@@ -104,23 +139,30 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
             raise ValueError(f"Invalid grid={grid}, num_samples={num_samples} or slice_axis={slice_axis}.")
         self.label_key = label_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
-        if empty_ratio < 0:
-            raise ValueError(f"empty_ratio must be >= 0, got {empty_ratio}.")
+        if empty_ratio < 0 or bright_ratio < 0:
+            raise ValueError(f"empty_ratio and bright_ratio must be >= 0, got {empty_ratio}, {bright_ratio}.")
         self.ratios = np.asarray(ratios, dtype=float)
         self.empty_ratio = float(empty_ratio)
+        self.bright_ratio = float(bright_ratio)
+        self.image_key = image_key
         self.num_samples = num_samples
         self.grid = grid
         self.slice_axis = slice_axis
 
-    def randomize(self, label: np.ndarray) -> list[tuple[int, int, int]]:
-        """Crop starts for one case. ``label``: (D, H, W) integer classes."""
+    def randomize(self, label: np.ndarray, image: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+        """Crop starts for one case. ``label``: (D, H, W) integer classes; ``image``: (D, H, W), needed when
+        ``bright_ratio > 0``."""
         shape = label.shape
         flat = label.reshape(-1)
         # one pass per weighted class: its voxels, and whether it is present at all
         members = [np.flatnonzero(flat == c) if r > 0 else None for c, r in enumerate(self.ratios)]
-        weights = np.array(
-            [r if m is not None and m.size else 0.0 for r, m in zip(self.ratios, members, strict=True)]
-        )
+        weights = [r if m is not None and m.size else 0.0 for r, m in zip(self.ratios, members, strict=True)]
+        if self.bright_ratio > 0:  # the hard negatives, centred like one more class
+            if image is None:
+                raise ValueError("bright_ratio > 0 needs the image to find bright background in.")
+            members.append(bright_background_voxels(image, label))
+            weights.append(self.bright_ratio if members[-1].size else 0.0)
+        weights = np.array(weights)
         empty = (
             empty_window_starts(label > 0, self.spatial_size, self.grid, self.slice_axis)
             if self.empty_ratio > 0
@@ -155,8 +197,13 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
                 f"Case of spatial shape {label.shape[1:]} is smaller than the crop {self.spatial_size}: "
                 "pad it first."
             )
+        image = None
+        if self.bright_ratio > 0:
+            image = data[self.image_key]
+            image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            image = image[0]
         samples = []
-        for start in self.randomize(label[0]):
+        for start in self.randomize(label[0], image):
             crop = SpatialCrop(
                 roi_start=start, roi_end=[s + r for s, r in zip(start, self.spatial_size, strict=True)]
             )

@@ -1,4 +1,5 @@
-"""Training crops: windows of plain background on request, found exactly, still on the cache grid."""
+"""Training crops: windows of plain background and of bright background on request, found exactly, still on the
+cache grid."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data.crops import CacheAlignedRandCropByLabelClassesd, aligned_starts, empty_window_starts
+from scripts.data.crops import (
+    CacheAlignedRandCropByLabelClassesd,
+    aligned_starts,
+    bright_background_voxels,
+    empty_window_starts,
+)
 
 
 def _label() -> np.ndarray:
@@ -59,6 +65,52 @@ def test_empty_ratio_sets_the_share_of_background_only_crops(empty_ratio, expect
 def test_negative_empty_ratio_is_refused():
     with pytest.raises(ValueError, match="empty_ratio"):
         CacheAlignedRandCropByLabelClassesd(["label"], "label", (8, 8, 8), ratios=[1], empty_ratio=-1)
+
+
+def _image_with_bone() -> np.ndarray:
+    """``_label()``'s lumen at 1 with a 0.95 rim around it, and an unlabelled bone plate at 0.9."""
+    label = _label()
+    image = np.full(label.shape, 0.05, np.float32)
+    image[1:13, 2:10, :] = 0.95  # a bright rim within 1 voxel of the vessel (partial volume, blur)
+    image[label > 0] = 1.0
+    image[30:34, 20:38, 5:25] = 0.9  # bone, darker than this lumen: the tests darken the lumen
+    return image
+
+
+def test_bright_background_is_bone_as_bright_as_the_lumen_not_the_vessel_rim():
+    label, image = _label(), _image_with_bone()
+    image[label > 0] = 0.85  # the lumen's median now below the bone
+    bright = np.zeros(label.size, bool)
+    bright[bright_background_voxels(image, label)] = True
+    bone = np.zeros(label.shape, bool)
+    bone[30:34, 20:38, 5:25] = True
+    assert (bright.reshape(label.shape) == bone).all()  # the plate: not the rim, not the dark background
+    image[label > 0] = 1.0  # a lumen brighter than the bone: nothing qualifies
+    assert bright_background_voxels(image, label).size == 0
+    assert bright_background_voxels(image, np.zeros_like(label)).size == 0  # no lumen to compare with
+
+
+@pytest.mark.parametrize("bright_ratio, expect_share", [(0.0, (0.0, 0.0)), (3.0, (0.45, 0.75))])
+def test_bright_ratio_sets_the_share_of_crops_centred_on_bone(bright_ratio, expect_share):
+    label, image = _label(), _image_with_bone()
+    image[label > 0] = 0.85
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["image", "label"], "label", (16, 16, 16), ratios=[0, 1, 1], num_samples=100, grid=1,
+        bright_ratio=bright_ratio,
+    )  # fmt: skip
+    crop.set_random_state(0)
+    samples = crop({"image": torch.as_tensor(image[None]), "label": torch.as_tensor(label[None])})
+    # crops centred on the vessel never reach the plate: the share of crops holding bone is the weight's, 3 / 5
+    share = np.mean([bool((s["image"] == 0.9).any()) for s in samples])
+    assert expect_share[0] <= share <= expect_share[1]
+
+
+def test_bright_ratio_needs_the_image_and_a_non_negative_weight():
+    with pytest.raises(ValueError, match="bright_ratio"):
+        CacheAlignedRandCropByLabelClassesd(["label"], "label", (8, 8, 8), ratios=[1], bright_ratio=-1)
+    crop = CacheAlignedRandCropByLabelClassesd(["label"], "label", (16, 16, 16), ratios=[1], bright_ratio=1)
+    with pytest.raises(KeyError, match="image"):
+        crop({"label": torch.as_tensor(_label()[None])})
 
 
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])
