@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, TINY_DINOV3, TINY_IMAGE_SIZE, bundle_workflow, run_workflow, write_tiny_case
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.transforms import Compose
 from PIL import Image
 
 from scripts.labels import LABEL_NAMES, NUM_CLASSES
@@ -662,6 +663,26 @@ def test_deep_supervision_key_trains_the_coarser_heads_through_the_configured_lo
     expected = loss.loss(full, labels) + 0.5 * loss.loss(half, halved)
     torch.testing.assert_close(loss([full, half], labels), expected)
     assert parser.get_parsed_content("train#trainer").loss_function is not None
+
+
+@pytest.mark.parametrize("files", [[TRAIN], [TRAIN, str(CONFIGS / "full_schedule.yaml")]])
+def test_crop_weights_reach_the_training_crops(files):
+    """``crop_empty_ratio`` and ``crop_bright_ratio`` set the crops of the CPU default and of the GPU schedule,
+    whose whole augmentation then runs on a case: crops of ``roi_size``, the image kept in [0, 1]."""
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({"crop_empty_ratio": 0.25, "crop_bright_ratio": 1.5})
+    augmentation = parser.get_parsed_content("train#augmentation")
+    assert (augmentation[0].empty_ratio, augmentation[0].bright_ratio) == (0.25, 1.5)
+    generator = torch.Generator().manual_seed(0)
+    label = torch.zeros((1, 72, 72, 72), dtype=torch.uint8)
+    label[:, 20:50, 30:36, 30:36], label[:, 30:36, 36:42, 30:36] = 1, 2
+    image = (0.1 * torch.rand(label.shape, generator=generator) + 0.8 * (label > 0)).float()
+    samples = Compose(augmentation).set_random_state(0)({"image": image, "label": label})
+    assert len(samples) == parser.get_parsed_content("samples_per_case")
+    for sample in samples:
+        assert sample["image"].shape == sample["label"].shape == (1, *parser.get_parsed_content("roi_size"))
+        assert 0.0 <= float(sample["image"].min()) <= float(sample["image"].max()) <= 1.0
 
 
 def test_evaluation_infers_as_inference_does():
