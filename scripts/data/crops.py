@@ -65,6 +65,10 @@ def empty_window_starts(
     return np.stack([a[empty], b[empty], c[empty]], axis=1)
 
 
+def _as_numpy(volume: Any) -> np.ndarray:
+    return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+
+
 def bright_background_voxels(image: np.ndarray, label: np.ndarray, margin: int = 2) -> np.ndarray:
     """Flat indices of unlabelled voxels as bright as the labelled lumen: bone, metal, bright streaks.
 
@@ -190,18 +194,13 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         return starts
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
-        label = data[self.label_key]
-        label = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        label = _as_numpy(data[self.label_key])
         if any(s < r for s, r in zip(label.shape[1:], self.spatial_size, strict=True)):
             raise ValueError(
                 f"Case of spatial shape {label.shape[1:]} is smaller than the crop {self.spatial_size}: "
                 "pad it first."
             )
-        image = None
-        if self.bright_ratio > 0:
-            image = data[self.image_key]
-            image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-            image = image[0]
+        image = _as_numpy(data[self.image_key])[0] if self.bright_ratio > 0 else None
         samples = []
         for start in self.randomize(label[0], image):
             crop = SpatialCrop(
