@@ -38,8 +38,9 @@ TINY = {
 
 
 def cli_overrides(overrides: dict) -> list[str]:
-    """``--key value`` pairs as ``python -m monai.bundle run`` takes them."""
-    return [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
+    """``--key value`` pairs as ``python -m monai.bundle run`` takes them: Python literals (``False``, ``None``;
+    JSON's ``false`` would arrive as a string)."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", repr(value))]
 
 
 def workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
@@ -468,7 +469,7 @@ def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_ca
     parser.update(
         {
             **TINY,
-            "roi_size": SMALL_ROI,
+            **TWO_EPOCHS,  # as the two ranks trained and validated (float32)
             "bundle_root": str(tmp_path),
             "dataset_dir": str(two_case_dataset),
             "embedding_cache_dir": str(root / "outputs" / "embedding_cache"),  # the very same slice features
