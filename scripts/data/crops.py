@@ -6,10 +6,10 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, SpatialCrop
 from monai.transforms.traits import MultiSampleTrait
+from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 __all__ = [
@@ -63,10 +63,6 @@ def empty_window_starts(
     )
     empty = count == 0
     return np.stack([a[empty], b[empty], c[empty]], axis=1)
-
-
-def _as_numpy(volume: Any) -> np.ndarray:
-    return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
 
 
 def bright_background_voxels(image: np.ndarray, label: np.ndarray, margin: int = 2) -> np.ndarray:
@@ -194,13 +190,13 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         return starts
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
-        label = _as_numpy(data[self.label_key])
+        label = convert_to_numpy(data[self.label_key])
         if any(s < r for s, r in zip(label.shape[1:], self.spatial_size, strict=True)):
             raise ValueError(
                 f"Case of spatial shape {label.shape[1:]} is smaller than the crop {self.spatial_size}: "
                 "pad it first."
             )
-        image = _as_numpy(data[self.image_key])[0] if self.bright_ratio > 0 else None
+        image = convert_to_numpy(data[self.image_key])[0] if self.bright_ratio > 0 else None
         samples = []
         for start in self.randomize(label[0], image):
             crop = SpatialCrop(
