@@ -55,8 +55,7 @@ def tiny_checkpoint(path: Path, dino_model: str = SOURCE) -> None:
         dino_image_size=TINY_IMAGE_SIZE,
         dino_dtype="bfloat16",
         roi_size=TINY["roi_size"],
-        shape_prior_sigmas=inference["shape_prior_sigmas"],
-        shape_prior_per_scale=inference["shape_prior_per_scale"],
+        **{key: value for key, value in inference.items() if key.startswith("shape_prior_")},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
