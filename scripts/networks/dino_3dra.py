@@ -134,6 +134,7 @@ class Dino3DRA(nn.Module):
             SurfaceConvexity(shape_prior_convexity_sigma) if shape_prior_convexity_sigma is not None else None
         )
         self.divisor = 2 ** (len(channels) - 1)
+        self._warned_bf16 = False
 
         priors = [p for p in (self.shape_prior, self.convexity) if p is not None]
         prior_channels = sum(prior.channels_per_input for prior in priors)
@@ -193,6 +194,14 @@ class Dino3DRA(nn.Module):
             followed by (B, out_channels, D / 2**l, H / 2**l, W / 2**l) for l = 1 .. ``deep_supervision``.
         """
         self._check_input(x)
+        if self._cpu_bf16_unsafe(x):
+            with torch.autocast("cpu", enabled=False):
+                return self._forward(x, slice_embeddings)
+        return self._forward(x, slice_embeddings)
+
+    def _forward(
+        self, x: torch.Tensor, slice_embeddings: torch.Tensor | None
+    ) -> torch.Tensor | list[torch.Tensor]:
         priors = [prior(x) for prior in (self.shape_prior, self.convexity) if prior is not None]
         unet_in = torch.cat([x, *priors], dim=1) if priors else x
         skips = [self.conv_0(unet_in)]
@@ -213,6 +222,30 @@ class Dino3DRA(nn.Module):
             return logits
         coarser = decoded[::-1][1:]  # level 1, 2, ...
         return [logits, *(head(level) for head, level in zip(self.heads, coarser, strict=False))]
+
+    def _cpu_bf16_unsafe(self, x: torch.Tensor) -> bool:
+        """Whether CPU bf16 autocast is on and a U-Net level of ``x`` is 2 voxels deep (D, the first axis).
+
+        oneDNN's bf16 weight gradient of a 3x3x3 convolution over a 2-voxel-deep input is garbage (values up
+        to 1e37 or NaN that change from call to call; measured with torch 2.13 on AVX-512 BF16, depth 1 and
+        3 and 2-voxel H or W are right), so such inputs run in float32, with one warning. A 64^3 patch has
+        levels 64 to 8 deep; a 16^3 one has a 2-deep bottleneck.
+        """
+        if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            return False
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+        depths = [x.shape[2] // 2**level for level in range(len(self.downs) + 1)]
+        if 2 not in depths:
+            return False
+        if not self._warned_bf16:
+            logger.warning(
+                "CPU bf16 autocast is off for inputs of depth %d: a U-Net level would be 2 voxels deep, where "
+                "oneDNN's bf16 convolution gradients are wrong; this network runs them in float32.",
+                x.shape[2],
+            )
+            self._warned_bf16 = True
+        return True
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:
