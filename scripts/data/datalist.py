@@ -24,6 +24,7 @@ def resolve_datalist(
     synthetic_splits: list[int] | None = None,
     synthetic_negatives: int = 0,
     synthetic_training_aneurysms: list[float] | None = None,
+    synthetic_training_p_bone: float | None = None,
 ) -> str:
     """Path of the datalist to read, generating the synthetic default dataset when none is given.
 
@@ -34,7 +35,7 @@ def resolve_datalist(
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
         synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives,
-        synthetic_training_aneurysms: how to generate it (see ``scripts.data.synthetic.ensure_dataset``; a
+        synthetic_training_aneurysms, synthetic_training_p_bone: how to generate it (see ``scripts.data.synthetic.ensure_dataset``; a
             dataset there made another way is regenerated).
 
     Raises:
@@ -63,6 +64,7 @@ def resolve_datalist(
             splits=synthetic_splits,
             negatives=synthetic_negatives,
             training_aneurysms=synthetic_training_aneurysms,
+            training_p_bone=synthetic_training_p_bone,
         )
 
 

@@ -86,6 +86,7 @@ def write_dataset(
     splits: Sequence[int] | None = None,
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
+    training_p_bone: float | None = None,
 ) -> str:
     """Generate ``num_cases`` cases of ``centre`` into ``output_dir`` (overwriting) and write ``dataset.json``.
 
@@ -108,6 +109,9 @@ def write_dataset(
             instead of the centre's ``aneurysm_count_probs`` (which validation and test phantoms keep), so
             that a small training set shows more aneurysms. Each phantom grows the same vessel tree either
             way (its aneurysms and hard negatives differ).
+        training_p_bone: probability that a training phantom (vessel-free ones included) shows bone, instead
+            of the centre's ``p_bone`` (which validation and test phantoms keep), so that a small training
+            set shows bone often enough to learn that a bright plate is not lumen.
 
     An existing ``dataset.json`` is deleted first, so that an interrupted overwrite cannot leave it
     describing a mix of old and new cases.
@@ -116,7 +120,7 @@ def write_dataset(
         the path of ``dataset.json``.
     """
     style = get_centre(centre)
-    recipe = dataset_recipe(num_cases, seed, style, splits, negatives, training_aneurysms)
+    recipe = dataset_recipe(num_cases, seed, style, splits, negatives, training_aneurysms, training_p_bone)
     num_train, num_val, num_test = recipe["splits"]
     if previews < 0:
         raise ValueError(f"previews must be >= 0, got {previews}.")
@@ -126,6 +130,8 @@ def write_dataset(
     training_style = style
     if training_aneurysms is not None:
         training_style = dataclasses.replace(style, aneurysm_count_probs=tuple(recipe["training_aneurysms"]))
+    if training_p_bone is not None:
+        training_style = dataclasses.replace(training_style, p_bone=recipe["training_p_bone"])
     cases = _write_cases(output_dir, style, training_style, seed, recipe["splits"], negatives, previews)
     _atomic_json(_dataset_description(style, seed, recipe, cases), json_path)
     logger.info(
@@ -150,7 +156,7 @@ def _write_cases(
 ) -> dict[str, list[dict]]:
     """Generate and save every case (see :func:`write_dataset`); return the datalist entries by split.
 
-    Training cases are drawn with ``training_style`` (``style`` but for its aneurysm counts), the others
+    Training cases are drawn with ``training_style`` (``style`` but for its aneurysm counts and bone), the others
     with ``style``.
     """
     num_train, num_val, _ = counts
@@ -264,6 +270,7 @@ def dataset_recipe(
     splits: Sequence[int] | None = None,
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
+    training_p_bone: float | None = None,
 ) -> dict[str, Any]:
     """Everything that shapes a synthetic dataset; two datasets with equal recipes hold the same cases.
 
@@ -276,6 +283,8 @@ def dataset_recipe(
         splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
         negatives: vessel-free training cases (see :func:`write_dataset`).
         training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
+        training_p_bone: bone probability of the training phantoms (see :func:`write_dataset`); recorded
+            only when set, so datasets written before it existed keep their recipe.
 
     Raises:
         ValueError: a setting is out of range (the message names it).
@@ -295,6 +304,8 @@ def dataset_recipe(
         "training_aneurysms": _check_counts(style, training_aneurysms),
         "centre": style.to_dict(),
     }
+    if training_p_bone is not None:
+        recipe["training_p_bone"] = _check_p_bone(style, training_p_bone)
     return json.loads(json.dumps(recipe))  # as it reads back from dataset.json (tuples become lists)
 
 
@@ -317,6 +328,17 @@ def _check_counts(style: Centre, probs: Sequence[float] | None) -> list[float] |
     return list(values)
 
 
+def _check_p_bone(style: Centre, p_bone: float) -> float:
+    """``p_bone`` as a float, checked as the centre checks its own."""
+    if isinstance(p_bone, bool) or not isinstance(p_bone, int | float):
+        raise ValueError(f"training_p_bone must be a number from 0 to 1, got {p_bone!r}.")
+    try:
+        dataclasses.replace(style, p_bone=float(p_bone))
+    except ValueError as error:
+        raise ValueError(f"training_p_bone: {error}") from error
+    return float(p_bone)
+
+
 def _check_splits(num_cases: int, splits: Sequence[int]) -> tuple[int, int, int]:
     counts = tuple(int(n) for n in splits)
     if len(counts) != 3 or min(counts) < 0 or sum(counts) != num_cases:
@@ -335,6 +357,7 @@ def ensure_dataset(
     splits: Sequence[int] | None = None,
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
+    training_p_bone: float | None = None,
 ) -> str:
     """Return ``dataset_dir/dataset.json``, generating the dataset unless the one there has the same recipe.
 
@@ -351,6 +374,7 @@ def ensure_dataset(
         splits: ``(training, validation, test)`` counts; default :func:`split_sizes`.
         negatives: vessel-free training cases (see :func:`write_dataset`).
         training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
+        training_p_bone: bone probability of the training phantoms (see :func:`write_dataset`).
 
     Returns:
         the path of ``dataset.json``.
@@ -358,7 +382,7 @@ def ensure_dataset(
     Raises:
         ValueError: the folder holds a ``dataset.json`` that is not a synthetic dataset of this generator.
     """
-    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives, training_aneurysms)
+    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives, training_aneurysms, training_p_bone)
     json_path = os.path.join(os.path.abspath(os.fspath(dataset_dir)), DATASET_JSON)
     old = _written_recipe(json_path)
     if old == recipe:
@@ -385,6 +409,7 @@ def ensure_dataset(
         splits=splits,
         negatives=negatives,
         training_aneurysms=training_aneurysms,
+        training_p_bone=training_p_bone,
     )
 
 

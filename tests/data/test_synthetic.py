@@ -119,9 +119,19 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         {"centre": dataclasses.replace(SMALL_A, name="B")},
         {"splits": (1, 1, 1)},
         {"training_aneurysms": (0.0, 0.0, 1.0)},
+        {"training_p_bone": 1.0},
         {"generator_version": "0.0.1"},
     ],
-    ids=["case_count", "seed", "spacing", "centre", "splits", "training_aneurysms", "generator_version"],
+    ids=[
+        "case_count",
+        "seed",
+        "spacing",
+        "centre",
+        "splits",
+        "training_aneurysms",
+        "training_p_bone",
+        "generator_version",
+    ],
 )
 def test_ensure_dataset_regenerates_when_the_recipe_differs(tmp_path, caplog, monkeypatch, change):
     """Whatever shapes the data (count, seed, centre settings, splits, generator) forces a new dataset."""
@@ -221,6 +231,39 @@ def test_training_aneurysms_change_the_training_phantoms_only(tmp_path):
     held_out = [e["num_aneurysms"] for e in written["validation"] + written["test"]]
     assert held_out == centre_counts[4:]
     assert written["synthetic_recipe"]["training_aneurysms"] == [0.0, 0.0, 0.0, 1.0]
+
+
+def bones(entry: dict) -> int:
+    return len(entry["info"]["appearance"].get("bones", []))
+
+
+def test_training_p_bone_changes_the_training_phantoms_only(tmp_path):
+    """``training_p_bone`` 1 gives every training phantom bone, vessel-free ones too; the others keep the centre's."""
+    no_bone = dataclasses.replace(SMALL_A, p_bone=0.0)
+    path = write_dataset(
+        str(tmp_path), num_cases=6, seed=5, centre=no_bone, splits=(4, 1, 1), negatives=1, training_p_bone=1.0
+    )
+    written = json.loads(Path(path).read_text())
+    assert all(bones(e) >= 1 for e in written["training"])
+    assert written["training"][-1]["info"]["background_only"]  # the vessel-free one has bone too
+    assert not any(bones(e) for e in written["validation"] + written["test"])
+    assert written["synthetic_recipe"]["training_p_bone"] == 1.0
+
+
+def test_a_recipe_without_training_p_bone_is_the_recipe_written_before_it_existed():
+    # datasets written by 0.9.2 have no training_p_bone in their recipe: they must still be reused
+    recipe = synthetic.dataset_recipe(3, 1, SMALL_A)
+    assert "training_p_bone" not in recipe
+    assert synthetic.dataset_recipe(3, 1, SMALL_A, training_p_bone=0.25)["training_p_bone"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("p_bone", "match"), [(1.5, r"p_bone must be in \[0, 1\]"), ("0.7", "a number"), (True, "a number")]
+)
+def test_training_p_bone_refused(tmp_path, p_bone, match):
+    with pytest.raises(ValueError, match=f"training_p_bone.*{match}"):
+        ensure_dataset(str(tmp_path), num_cases=3, centre=SMALL_A, training_p_bone=p_bone)
+    assert not (tmp_path / "dataset.json").exists()
 
 
 @pytest.mark.parametrize(
