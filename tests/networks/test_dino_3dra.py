@@ -99,18 +99,30 @@ def gradients(net: Dino3DRA) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in net.named_parameters() if p.requires_grad}
 
 
+def float32_step(net: Dino3DRA, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and gradients (loss: mean squared logit) of one float32 pass; leaves the gradients cleared."""
+    logits = net(x)
+    logits.square().mean().backward()
+    grads = {name: g.clone() for name, g in gradients(net).items()}
+    net.zero_grad(set_to_none=True)
+    return logits, grads
+
+
+def bf16_step(net: Dino3DRA, x: torch.Tensor) -> torch.Tensor:
+    """Logits of one pass under CPU bf16 autocast, its gradients left in the network."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(x)
+    logits.float().square().mean().backward()
+    return logits
+
+
 def test_mixed_precision_forward_and_backward_follow_float32():
     # the bundle trains with AMP on GPUs; CPU bfloat16 autocast exercises the same casts. 24^3, one case
     # (levels 24 to 3 voxels deep): on a CPU without native bf16 autocast is emulated, about 10x slower
     net = tiny_net(roi_size=(24, 24, 24))
     x = torch.rand(1, 1, 24, 24, 24)
-    reference = net(x)
-    reference.square().mean().backward()
-    reference_grads = {name: g.clone() for name, g in gradients(net).items()}
-    net.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = net(x)
-    logits.float().square().mean().backward()
+    reference, reference_grads = float32_step(net, x)
+    logits = bf16_step(net, x)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
     for name, grad in gradients(net).items():
@@ -125,14 +137,10 @@ def test_a_two_voxel_deep_level_runs_in_float32_under_cpu_bf16_autocast(caplog):
     # garbage that changes from call to call: the network runs such inputs in float32 and says so once.
     net = tiny_net(roi_size=(16, 16, 16))
     x = torch.rand(2, 1, 16, 16, 16)
-    reference = net(x)
-    reference.square().mean().backward()
-    reference_grads = {name: g.clone() for name, g in gradients(net).items()}
-    net.zero_grad(set_to_none=True)
-    for _ in range(2):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = net(x)
-    logits.square().mean().backward()
+    reference, reference_grads = float32_step(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    logits = bf16_step(net, x)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
     for name, grad in gradients(net).items():
