@@ -408,7 +408,7 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
         "splits": [16, 4, 0],
         "negatives": 2,
         "training_aneurysms": None,
-        "training_p_bone": None,
+        "training_p_bone": 0.7,
     }
     check_nnunet_raw(Path(folder))
 
