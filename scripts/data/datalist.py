@@ -35,8 +35,8 @@ def resolve_datalist(
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
         synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives,
-        synthetic_training_aneurysms, synthetic_training_p_bone: how to generate it (see ``scripts.data.synthetic.ensure_dataset``; a
-            dataset there made another way is regenerated).
+        synthetic_training_aneurysms, synthetic_training_p_bone: how to generate it (see
+            ``scripts.data.synthetic.ensure_dataset``; a dataset there made another way is regenerated).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but has no datalist.
