@@ -468,7 +468,7 @@ def test_multi_gpu_validation_scores_the_cases_of_both_ranks(ddp_trained, two_ca
     parser.update(
         {
             **TINY,
-            **TWO_EPOCHS,  # as the two ranks trained and validated (float32)
+            **TWO_EPOCHS,  # as the two ranks trained and validated
             "bundle_root": str(tmp_path),
             "dataset_dir": str(two_case_dataset),
             "embedding_cache_dir": str(root / "outputs" / "embedding_cache"),  # the very same slice features
