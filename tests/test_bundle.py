@@ -357,8 +357,11 @@ sys.argv = ["monai.bundle", *sys.argv[1:]]
 try:
     runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
 finally:
-    with open(os.path.join(records, f"rank{rank}.json"), "w") as out:
+    # written whole, then renamed: a rank stopped by the launcher while recording leaves no record, never half a one
+    record = os.path.join(records, f"rank{rank}.json")
+    with open(record + ".part", "w") as out:
         json.dump(sorted(written), out)
+    os.replace(record + ".part", record)
 """
 
 
