@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -38,6 +40,7 @@ __all__ = [
     "LOCATIONS",
     "Aneurysm",
     "HardNegative",
+    "aneurysm_size_at",
     "place_aneurysms",
     "place_hard_negatives",
 ]
@@ -224,6 +227,17 @@ def sample_aneurysm_size(
         if low <= size <= high:
             return size
     return float(np.clip(median, low, high))
+
+
+def aneurysm_size_at(quantile: float, median: float, sigma_log: float, low: float, high: float) -> float:
+    """The dome size (mm) at ``quantile`` (0 < q < 1) of :func:`sample_aneurysm_size`'s truncated log-normal."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be between 0 and 1 (exclusive), got {quantile!r}.")
+    if not 0 < low < high:
+        raise ValueError(f"need 0 < low < high, got low={low}, high={high}.")
+    normal = NormalDist()
+    below, up_to = (normal.cdf(math.log(bound / median) / sigma_log) for bound in (low, high))
+    return float(median * math.exp(sigma_log * normal.inv_cdf(below + quantile * (up_to - below))))
 
 
 def _dome_radius_towards(u: np.ndarray, direction: np.ndarray, radius: float, elongation: float) -> float:
@@ -727,6 +741,7 @@ def place_aneurysms(
     sigma_log: float,
     min_mm: float,
     max_mm: float,
+    first_size_quantile: float | None = None,
 ) -> list[Aneurysm]:
     """Place ``count`` aneurysms (fewer if the tree has no room) on ``tree``.
 
@@ -736,6 +751,9 @@ def place_aneurysms(
         count: how many to try.
         median_mm, sigma_log, min_mm, max_mm: size distribution (see :func:`sample_aneurysm_size`);
             ``max_mm`` is further capped at 0.45 of the smallest field-of-view side.
+        first_size_quantile: if set, the first aneurysm's size is the distribution's value at this quantile
+            (:func:`aneurysm_size_at`) instead of a random draw; the draw is still made, so that ``rng``
+            goes on as it would without it.
 
     Returns:
         the placed aneurysms.
@@ -746,6 +764,8 @@ def place_aneurysms(
     if high <= min_mm:
         raise ValueError(f"field of view {tree.extent.tolist()} mm is too small for {min_mm} mm aneurysms.")
     sizes = [sample_aneurysm_size(rng, median_mm, sigma_log, min_mm, high) for _ in range(count)]
+    if sizes and first_size_quantile is not None:
+        sizes[0] = aneurysm_size_at(first_size_quantile, median_mm, sigma_log, min_mm, high)
     placer = _Placer(rng, tree)
     placer.place_aneurysms(sizes, min_mm)
     return placer.aneurysms

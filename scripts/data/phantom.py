@@ -130,12 +130,16 @@ def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     return np.random.default_rng(geometry), np.random.default_rng(appearance)
 
 
-def generate_geometry(seed: int, centre: str | Centre = "A") -> PhantomGeometry:
+def generate_geometry(
+    seed: int, centre: str | Centre = "A", size_quantile: float | None = None
+) -> PhantomGeometry:
     """Draw the geometry of case ``seed`` (tree, aneurysms, hard negatives) without rendering voxels.
 
     Args:
         seed: non-negative integer.
         centre: centre name or a :class:`Centre` (e.g. one with a smaller ``shape`` for quick tests).
+        size_quantile: if set, the first aneurysm (if any) takes the size at this quantile of the centre's
+            size distribution instead of a random one; the tree and the aneurysm count stay as drawn.
 
     Returns:
         the geometry ``generate_case(seed, centre)`` renders.
@@ -153,6 +157,7 @@ def generate_geometry(seed: int, centre: str | Centre = "A") -> PhantomGeometry:
         style.aneurysm_sigma_log,
         style.aneurysm_min_mm,
         style.aneurysm_max_mm,
+        first_size_quantile=size_quantile,
     )
     negatives = place_hard_negatives(rng, tree, aneurysms)
     return PhantomGeometry(int(seed), style, tree, aneurysms, negatives)
@@ -221,12 +226,13 @@ def _drop_orphans(label: np.ndarray) -> None:
             logger.debug("dropped an aneurysm fragment that does not touch the vessel")
 
 
-def generate_case(seed: int, centre: str | Centre = "A") -> Phantom:
+def generate_case(seed: int, centre: str | Centre = "A", size_quantile: float | None = None) -> Phantom:
     """Generate one synthetic 3DRA case.
 
     Args:
-        seed: non-negative integer; the case is a deterministic function of ``(seed, centre)``.
+        seed: non-negative integer; the case is a deterministic function of ``(seed, centre, size_quantile)``.
         centre: centre name (``"A"``, ``"B"``, ``"C"``) or a :class:`Centre`.
+        size_quantile: the first aneurysm's size quantile (see :func:`generate_geometry`); default random.
 
     Returns:
         the :class:`Phantom` with image (X, Y, Z) float32, label (X, Y, Z) uint8, spacing, affine, info.
@@ -235,7 +241,7 @@ def generate_case(seed: int, centre: str | Centre = "A") -> Phantom:
         ValueError: for an unknown centre or a negative seed.
     """
     style = get_centre(centre)
-    geometry = generate_geometry(seed, style)
+    geometry = generate_geometry(seed, style, size_quantile)
     _, appearance_rng = _streams(seed)
     label, vessels, sacs = render_labels(geometry)
 
@@ -248,6 +254,8 @@ def generate_case(seed: int, centre: str | Centre = "A") -> Phantom:
     image, appearance = render_intensity(distance, value, style, appearance_rng, extent, focus)
 
     info = geometry.info()
+    if size_quantile is not None:
+        info["first_aneurysm_size_quantile"] = float(size_quantile)
     info["appearance"] = appearance
     counts = np.bincount(label.ravel(), minlength=3)
     info["label_voxels"] = [int(c) for c in counts[:3]]

@@ -33,7 +33,15 @@ import numpy as np
 from scripts.atomic_io import replace_atomically, write_atomically
 
 from .centres import Centre, get_centre
-from .phantom import GENERATOR_VERSION, LABELS, Phantom, generate_case, phantom_affine, render_background_only
+from .phantom import (
+    GENERATOR_VERSION,
+    LABELS,
+    Phantom,
+    generate_case,
+    generate_geometry,
+    phantom_affine,
+    render_background_only,
+)
 from .preview import save_preview
 
 __all__ = ["dataset_recipe", "ensure_dataset", "main", "split_sizes", "write_dataset", "write_nifti"]
@@ -87,6 +95,7 @@ def write_dataset(
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
     training_p_bone: float | None = None,
+    training_stratified_sizes: bool = False,
 ) -> str:
     """Generate ``num_cases`` cases of ``centre`` into ``output_dir`` (overwriting) and write ``dataset.json``.
 
@@ -112,6 +121,11 @@ def write_dataset(
         training_p_bone: probability that a training phantom (vessel-free ones included) shows bone, instead
             of the centre's ``p_bone`` (which validation and test phantoms keep), so that a small training
             set shows bone often enough to learn that a bright plate is not lumen.
+        training_stratified_sizes: spread the training aneurysms over the centre's size distribution by
+            construction: the ``k`` training phantoms that have an aneurysm take, in a seeded random order,
+            the sizes at quantiles ``(0.5, 1.5, ..., k - 0.5) / k`` for their first aneurysm (others stay
+            random), so that a small training set cannot miss the small (or the large) sacs by chance.
+            Trees, counts and appearance stay as drawn.
 
     An existing ``dataset.json`` is deleted first, so that an interrupted overwrite cannot leave it
     describing a mix of old and new cases.
@@ -120,7 +134,16 @@ def write_dataset(
         the path of ``dataset.json``.
     """
     style = get_centre(centre)
-    recipe = dataset_recipe(num_cases, seed, style, splits, negatives, training_aneurysms, training_p_bone)
+    recipe = dataset_recipe(
+        num_cases,
+        seed,
+        style,
+        splits,
+        negatives,
+        training_aneurysms,
+        training_p_bone,
+        training_stratified_sizes,
+    )
     num_train, num_val, num_test = recipe["splits"]
     if previews < 0:
         raise ValueError(f"previews must be >= 0, got {previews}.")
@@ -132,7 +155,12 @@ def write_dataset(
         training_style = dataclasses.replace(style, aneurysm_count_probs=tuple(recipe["training_aneurysms"]))
     if training_p_bone is not None:
         training_style = dataclasses.replace(training_style, p_bone=recipe["training_p_bone"])
-    cases = _write_cases(output_dir, style, training_style, seed, recipe["splits"], negatives, previews)
+    quantiles = {}
+    if training_stratified_sizes:
+        quantiles = _training_size_quantiles(seed, training_style, range(num_train - negatives))
+    cases = _write_cases(
+        output_dir, style, training_style, seed, recipe["splits"], negatives, previews, quantiles
+    )
     _atomic_json(_dataset_description(style, seed, recipe, cases), json_path)
     logger.info(
         "wrote %s: %d training, %d validation, %d test cases in %.1f s",
@@ -153,11 +181,12 @@ def _write_cases(
     counts: Sequence[int],
     negatives: int,
     previews: int,
+    size_quantiles: dict[int, float],
 ) -> dict[str, list[dict]]:
     """Generate and save every case (see :func:`write_dataset`); return the datalist entries by split.
 
     Training cases are drawn with ``training_style`` (``style`` but for its aneurysm counts and bone), the others
-    with ``style``.
+    with ``style``; case ``i`` in ``size_quantiles`` takes that quantile for its first aneurysm's size.
     """
     num_train, num_val, _ = counts
     num_cases = sum(counts)
@@ -166,7 +195,12 @@ def _write_cases(
         split = "training" if index < num_train else "validation" if index < num_train + num_val else "test"
         vessel_free = split == "training" and index >= num_train - negatives
         case_style = training_style if split == "training" else style
-        phantom = (_vessel_free_case if vessel_free else generate_case)(case_seed(seed, index), case_style)
+        if vessel_free:
+            phantom = _vessel_free_case(case_seed(seed, index), case_style)
+        else:
+            phantom = generate_case(
+                case_seed(seed, index), case_style, size_quantile=size_quantiles.get(index)
+            )
         name = f"3dra_{style.name}_{index:04d}"
         cases[split].append(_write_case(phantom, output_dir, name, "Ts" if split == "test" else "Tr"))
         if index < previews:
@@ -182,6 +216,14 @@ def _write_cases(
             info["aneurysm_diameters_mm"],
         )
     return cases
+
+
+def _training_size_quantiles(seed: int, style: Centre, indices: Sequence[int]) -> dict[int, float]:
+    """``{case index: quantile}`` for the cases among ``indices`` whose geometry has an aneurysm: the quantiles
+    ``(0.5, 1.5, ..., k - 0.5) / k`` in an order drawn from ``seed`` (see :func:`write_dataset`)."""
+    with_sac = [i for i in indices if generate_geometry(case_seed(seed, i), style).aneurysms]
+    order = np.random.default_rng([int(seed), 2]).permutation(len(with_sac))
+    return {i: (int(rank) + 0.5) / len(with_sac) for i, rank in zip(with_sac, order, strict=True)}
 
 
 def _clear_folder(output_dir: str) -> str:
@@ -271,6 +313,7 @@ def dataset_recipe(
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
     training_p_bone: float | None = None,
+    training_stratified_sizes: bool = False,
 ) -> dict[str, Any]:
     """Everything that shapes a synthetic dataset; two datasets with equal recipes hold the same cases.
 
@@ -285,6 +328,8 @@ def dataset_recipe(
         training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
         training_p_bone: bone probability of the training phantoms (see :func:`write_dataset`); recorded
             only when set, so datasets written before it existed keep their recipe.
+        training_stratified_sizes: training aneurysm sizes at spread quantiles (see :func:`write_dataset`);
+            recorded only when ``True``, for the same reason.
 
     Raises:
         ValueError: a setting is out of range (the message names it).
@@ -306,6 +351,12 @@ def dataset_recipe(
     }
     if training_p_bone is not None:
         recipe["training_p_bone"] = _check_p_bone(style, training_p_bone)
+    if not isinstance(training_stratified_sizes, bool):
+        raise ValueError(
+            f"training_stratified_sizes must be True or False, got {training_stratified_sizes!r}."
+        )
+    if training_stratified_sizes:
+        recipe["training_stratified_sizes"] = True
     return json.loads(json.dumps(recipe))  # as it reads back from dataset.json (tuples become lists)
 
 
@@ -358,6 +409,7 @@ def ensure_dataset(
     negatives: int = 0,
     training_aneurysms: Sequence[float] | None = None,
     training_p_bone: float | None = None,
+    training_stratified_sizes: bool = False,
 ) -> str:
     """Return ``dataset_dir/dataset.json``, generating the dataset unless the one there has the same recipe.
 
@@ -375,6 +427,7 @@ def ensure_dataset(
         negatives: vessel-free training cases (see :func:`write_dataset`).
         training_aneurysms: aneurysm-count probabilities of the training phantoms (see :func:`write_dataset`).
         training_p_bone: bone probability of the training phantoms (see :func:`write_dataset`).
+        training_stratified_sizes: training aneurysm sizes at spread quantiles (see :func:`write_dataset`).
 
     Returns:
         the path of ``dataset.json``.
@@ -382,7 +435,16 @@ def ensure_dataset(
     Raises:
         ValueError: the folder holds a ``dataset.json`` that is not a synthetic dataset of this generator.
     """
-    recipe = dataset_recipe(num_cases, seed, centre, splits, negatives, training_aneurysms, training_p_bone)
+    recipe = dataset_recipe(
+        num_cases,
+        seed,
+        centre,
+        splits,
+        negatives,
+        training_aneurysms,
+        training_p_bone,
+        training_stratified_sizes,
+    )
     json_path = os.path.join(os.path.abspath(os.fspath(dataset_dir)), DATASET_JSON)
     old = _written_recipe(json_path)
     if old == recipe:
@@ -410,6 +472,7 @@ def ensure_dataset(
         negatives=negatives,
         training_aneurysms=training_aneurysms,
         training_p_bone=training_p_bone,
+        training_stratified_sizes=training_stratified_sizes,
     )
 
 

@@ -17,6 +17,7 @@ import pytest
 from scipy import ndimage
 
 from scripts.data import LOCATIONS, TEMPLATES, generate_geometry, get_centre, local_diameter, render_labels
+from scripts.data.lesions import aneurysm_size_at, sample_aneurysm_size
 from scripts.data.vessel_tree import MAX_RADIUS_MM
 
 N_CASES = 50
@@ -165,6 +166,39 @@ def test_centre_c_has_larger_aneurysms():
     sizes = {n: [a.size_mm for s in range(30) for a in generate_geometry(s, n).aneurysms] for n in "AC"}
     assert np.median(sizes["C"]) > np.median(sizes["A"]) + 1.0
     assert get_centre("A").aneurysm_min_mm == 1.5 and get_centre("A").aneurysm_max_mm == 25.0
+
+
+@pytest.mark.parametrize("bounds", [(1.5, 25.0), (3.0, 8.0)], ids=["centre_a", "narrow"])
+def test_size_at_a_quantile_is_that_quantile_of_the_random_sizes(bounds):
+    """``aneurysm_size_at`` inverts the truncated log-normal that ``sample_aneurysm_size`` draws from."""
+    rng = np.random.default_rng(0)
+    draws = [sample_aneurysm_size(rng, 4.7, 0.55, *bounds) for _ in range(20000)]
+    for q in (0.02, 0.1, 0.5, 0.9, 0.98):
+        assert aneurysm_size_at(q, 4.7, 0.55, *bounds) == pytest.approx(
+            np.quantile(draws, q), rel=0.02, abs=0.03
+        )
+    assert (
+        bounds[0]
+        < aneurysm_size_at(1e-9, 4.7, 0.55, *bounds)
+        < aneurysm_size_at(1 - 1e-9, 4.7, 0.55, *bounds)
+    )
+    for q in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="quantile must be between 0 and 1"):
+            aneurysm_size_at(q, 4.7, 0.55, *bounds)
+
+
+def test_a_size_quantile_sets_the_first_sac_and_keeps_the_tree():
+    """The tree, the aneurysm count and the other sac stay as drawn; the first sac takes the asked size."""
+    seed = next(s for s in range(50) if len(generate_geometry(s).aneurysms) == 2)
+    drawn, small = generate_geometry(seed), generate_geometry(seed, size_quantile=0.01)
+    assert [t.radii.tolist() for t in drawn.tree.tubes[:3]] == [
+        t.radii.tolist() for t in small.tree.tubes[:3]
+    ]
+    assert len(small.aneurysms) == 2
+    centre = get_centre("A")
+    wanted = aneurysm_size_at(0.01, centre.aneurysm_median_mm, centre.aneurysm_sigma_log, 1.5, 25.0)
+    assert min(a.size_mm for a in small.aneurysms) == pytest.approx(wanted, rel=0.01)
+    assert min(a.size_mm for a in drawn.aneurysms) > wanted + 0.3
 
 
 def test_every_aneurysm_touches_its_vessel(geometries):

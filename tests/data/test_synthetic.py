@@ -19,6 +19,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from scripts.data import generate_case, get_centre, phantom_affine, synthetic
+from scripts.data.lesions import aneurysm_size_at
 from scripts.data.synthetic import ensure_dataset, split_sizes, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,7 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         {"splits": (1, 1, 1)},
         {"training_aneurysms": (0.0, 0.0, 1.0)},
         {"training_p_bone": 1.0},
+        {"training_stratified_sizes": True},
         {"generator_version": "0.0.1"},
     ],
     ids=[
@@ -130,6 +132,7 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         "splits",
         "training_aneurysms",
         "training_p_bone",
+        "training_stratified_sizes",
         "generator_version",
     ],
 )
@@ -169,11 +172,11 @@ def test_interrupted_write_leaves_no_dataset_json(tmp_path, monkeypatch):
     real = synthetic.generate_case
     calls = []
 
-    def flaky(seed, centre="A"):
+    def flaky(seed, centre="A", size_quantile=None):
         calls.append(seed)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(seed, centre)
+        return real(seed, centre, size_quantile)
 
     monkeypatch.setattr(synthetic, "generate_case", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -255,6 +258,43 @@ def test_a_recipe_without_training_p_bone_is_the_recipe_written_before_it_existe
     recipe = synthetic.dataset_recipe(3, 1, SMALL_A)
     assert "training_p_bone" not in recipe
     assert synthetic.dataset_recipe(3, 1, SMALL_A, training_p_bone=0.25)["training_p_bone"] == 0.25
+
+
+def test_training_stratified_sizes_spread_the_training_sacs_only(tmp_path):
+    """The training phantoms with an aneurysm take one spread quantile each for their first sac's size; the
+    validation and test phantoms are those of the plain recipe."""
+    asked = {"num_cases": 12, "seed": 5, "centre": SMALL_A, "splits": (10, 1, 1), "negatives": 1}
+    written = json.loads(
+        Path(write_dataset(str(tmp_path), training_stratified_sizes=True, **asked)).read_text()
+    )
+    with_sac = [e for e in written["training"] if e["num_aneurysms"]]
+    quantiles = sorted(e["info"]["first_aneurysm_size_quantile"] for e in with_sac)
+    assert quantiles == pytest.approx([(k + 0.5) / len(with_sac) for k in range(len(with_sac))])
+    assert len(with_sac) >= 6
+    high = min(
+        SMALL_A.aneurysm_max_mm, 0.45 * float(np.min((np.asarray(SMALL_A.shape) - 1) * SMALL_A.spacing))
+    )
+    distribution = (SMALL_A.aneurysm_median_mm, SMALL_A.aneurysm_sigma_log, SMALL_A.aneurysm_min_mm, high)
+    for entry in with_sac:
+        wanted = aneurysm_size_at(entry["info"]["first_aneurysm_size_quantile"], *distribution)
+        # placement shrinks a dome that finds no room by 15 % at a time, never below the smallest size
+        assert any(
+            max(0.85**3 * wanted, SMALL_A.aneurysm_min_mm) - 1e-3 <= d <= wanted + 1e-3
+            for d in entry["aneurysm_diameters_mm"]
+        ), (wanted, entry["aneurysm_diameters_mm"])
+    plain = json.loads(Path(write_dataset(str(tmp_path / "plain"), **asked)).read_text())
+    for key in ("validation", "test"):
+        assert [e["info"] for e in written[key]] == [e["info"] for e in plain[key]]
+    assert written["training"][-1]["info"]["background_only"]  # the vessel-free phantom takes no quantile
+    assert written["synthetic_recipe"]["training_stratified_sizes"] is True
+    assert "training_stratified_sizes" not in plain["synthetic_recipe"]  # as written before the key existed
+
+
+@pytest.mark.parametrize("value", ["True", "false", 1, None])
+def test_training_stratified_sizes_refuses_anything_but_a_boolean(tmp_path, value):
+    with pytest.raises(ValueError, match=f"training_stratified_sizes must be True or False, got {value!r}"):
+        ensure_dataset(str(tmp_path), num_cases=3, centre=SMALL_A, training_stratified_sizes=value)
+    assert not (tmp_path / "dataset.json").exists()
 
 
 @pytest.mark.parametrize(
