@@ -222,7 +222,7 @@ def _training_size_quantiles(seed: int, style: Centre, indices: Sequence[int]) -
     """``{case index: quantile}`` for the cases among ``indices`` whose geometry has an aneurysm: the quantiles
     ``(0.5, 1.5, ..., k - 0.5) / k`` in an order drawn from ``seed`` (see :func:`write_dataset`)."""
     with_sac = [i for i in indices if generate_geometry(case_seed(seed, i), style).aneurysms]
-    order = np.random.default_rng([int(seed), 2]).permutation(len(with_sac))
+    order = np.random.default_rng([int(seed), 2]).permutation(len(with_sac))  # a stream apart from the cases'
     return {i: (int(rank) + 0.5) / len(with_sac) for i, rank in zip(with_sac, order, strict=True)}
 
 
