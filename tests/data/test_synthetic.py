@@ -285,7 +285,8 @@ def test_training_stratified_sizes_spread_the_training_sacs_only(tmp_path):
     plain = json.loads(Path(write_dataset(str(tmp_path / "plain"), **asked)).read_text())
     for key in ("validation", "test"):
         assert [e["info"] for e in written[key]] == [e["info"] for e in plain[key]]
-    assert written["training"][-1]["info"]["background_only"]  # the vessel-free phantom takes no quantile
+    vessel_free = written["training"][-1]["info"]
+    assert vessel_free["background_only"] and "first_aneurysm_size_quantile" not in vessel_free
     assert written["synthetic_recipe"]["training_stratified_sizes"] is True
     assert "training_stratified_sizes" not in plain["synthetic_recipe"]  # as written before the key existed
 
