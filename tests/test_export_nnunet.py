@@ -409,6 +409,7 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
         "negatives": 2,
         "training_aneurysms": None,
         "training_p_bone": 0.7,
+        "training_stratified_sizes": False,
     }
     check_nnunet_raw(Path(folder))
 

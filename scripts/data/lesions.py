@@ -43,6 +43,7 @@ __all__ = [
     "aneurysm_size_at",
     "place_aneurysms",
     "place_hard_negatives",
+    "sample_aneurysm_size",
 ]
 
 logger = logging.getLogger(__name__)
