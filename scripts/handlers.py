@@ -35,6 +35,7 @@ __all__ = [
     "ResumeFrom",
     "SeedEachEpoch",
     "SegmentationMetricsWriter",
+    "WeightAverage",
     "class_output",
     "model_filenames",
 ]
@@ -428,3 +429,94 @@ class ResumableCheckpoint:
             n_saved=1,
         )
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), checkpoint)
+
+
+class WeightAverage:
+    """Average the network's trainable weights over the last epochs, and end training with the average.
+
+    From the first optimizer step of epoch ``start_epoch`` on, every step updates a running average of each
+    trainable parameter: uniform over those steps (stochastic weight averaging) when ``decay`` is None, else
+    exponential, ``average = decay * average + (1 - decay) * weight``. As the last epoch completes, the
+    averages are copied into the network, so the handlers that run after this one then (validation,
+    checkpoints, the final model's file) see the averaged model: attach it first. Frozen parameters (the
+    slice encoder) and buffers stay the network's own. Its state goes into resumable checkpoints
+    (``state_dict``), so a run resumed after a kill averages what the uninterrupted one does; the last
+    epoch's checkpoint holds the averaged model.
+
+    Args:
+        network: the trained network (a ``DistributedDataParallel`` wrapper is averaged as the module inside;
+            every rank holds the same weights after a step, so every rank averages the same).
+        start_epoch: the first epoch whose steps are averaged, from 1; None averages nothing and leaves the
+            network as trained.
+        decay: None for a uniform average, or the exponential decay per step, in [0, 1).
+
+    Raises:
+        ValueError: ``start_epoch`` is not None or an int >= 1, or ``decay`` is not None or a number in [0, 1).
+    """
+
+    def __init__(
+        self, network: torch.nn.Module, start_epoch: int | None = None, decay: float | None = None
+    ) -> None:
+        if start_epoch is not None and (
+            isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1
+        ):
+            raise ValueError(f"weight_average_start_epoch must be None or an int >= 1, got {start_epoch!r}.")
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1
+        ):
+            raise ValueError(f"weight_average_decay must be None or a number in [0, 1), got {decay!r}.")
+        self.network, self.start_epoch, self.decay = network, start_epoch, decay
+        self.count = 0
+        self.average: dict[str, torch.Tensor] = {}
+
+    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        module = getattr(self.network, "module", self.network)
+        return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+    def attach(self, engine: Engine) -> None:
+        if self.start_epoch is None:
+            return
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
+
+    @torch.no_grad()
+    def _update(self, engine: Engine) -> None:
+        if engine.state.epoch < self.start_epoch:
+            return
+        # uniform: step n (from 0) weighs 1 / (n + 1); exponential: every step weighs 1 - decay
+        step_weight = 1.0 / (self.count + 1) if self.decay is None else 1.0 - self.decay
+        for name, parameter in self._parameters().items():
+            if self.count == 0:
+                self.average[name] = parameter.detach().clone()
+            else:
+                self.average[name].lerp_(parameter.detach(), step_weight)
+        self.count += 1
+
+    @torch.no_grad()
+    def _finish(self, engine: Engine) -> None:
+        if engine.state.epoch != engine.state.max_epochs:
+            return
+        if not self.count:
+            logger.warning(
+                "Weight averaging from epoch %d: training ended at epoch %d before it began; the model is the "
+                "last one trained.",
+                self.start_epoch,
+                engine.state.max_epochs,
+            )
+            return
+        for name, parameter in self._parameters().items():
+            parameter.copy_(self.average[name])
+        kind = "uniform" if self.decay is None else f"exponential, decay {self.decay}"
+        logger.info(
+            "The model is the average (%s) of its weights over the %d steps since epoch %d.",
+            kind,
+            self.count,
+            self.start_epoch,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "average": dict(self.average)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.count = int(state["count"])
+        self.average = {name: tensor.clone() for name, tensor in state["average"].items()}

@@ -115,19 +115,27 @@ def two_case_dataset(tiny_dataset, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize(
+    "averaging", [{}, {"weight_average_start_epoch": 1}], ids=["plain", "weight_average"]
+)
 def test_resumed_training_ends_with_the_model_of_an_uninterrupted_run(
-    two_case_dataset, tmp_path, monkeypatch
+    two_case_dataset, tmp_path, monkeypatch, averaging
 ):
     """Killed while writing the epoch-2 checkpoint, then resumed from epoch 1: the same weights, optimizer,
-    scheduler and counters as two epochs straight, and the epoch-1 checkpoint survived the kill."""
-    settings = {"dataset_dir": str(two_case_dataset), **TWO_EPOCHS}
+    scheduler, counters (and weight average) as two epochs straight, and the epoch-1 checkpoint survived
+    the kill."""
+    settings = {"dataset_dir": str(two_case_dataset), **TWO_EPOCHS, **averaging}
     run_workflow(workflow(TRAIN, "train", bundle_root=str(tmp_path / "straight"), **settings))
     straight = tmp_path / "straight" / "models"
     # model.pt is the model at the end of training (model_selection 'final')
-    assert_same_state(
-        torch.load(straight / "model.pt", weights_only=True),
-        torch.load(straight / "checkpoint_epoch=2.pt", weights_only=True)["model"],
-    )
+    final = torch.load(straight / "checkpoint_epoch=2.pt", weights_only=True)
+    assert_same_state(torch.load(straight / "model.pt", weights_only=True), final["model"])
+    if averaging:  # the model at the end is the average over every step since epoch 1
+        average = final["weight_average"]
+        assert average["count"] == final["trainer"]["iteration"] == 4
+        assert average["average"] and all(
+            torch.equal(final["model"][k], v) for k, v in average["average"].items()
+        )
 
     real_save = torch.save
 

@@ -15,7 +15,13 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Randomizable
 
 from scripts.embedding_cache import SliceEmbeddingCache
-from scripts.handlers import EmbeddingCacheStats, ResumableCheckpoint, SeedEachEpoch
+from scripts.handlers import (
+    EmbeddingCacheStats,
+    ResumableCheckpoint,
+    ResumeFrom,
+    SeedEachEpoch,
+    WeightAverage,
+)
 
 
 def linear_trainer(save_dir: Path) -> tuple[Engine, torch.nn.Module]:
@@ -136,3 +142,112 @@ def test_cache_stats_without_a_cache_attach_nothing():
     EmbeddingCacheStats(None).attach(engine)
     engine.run([0], max_epochs=1)
     assert "train_cache_hit_rate" not in engine.state.metrics
+
+
+def averaging_trainer(
+    save_dir: Path, start_epoch: int | None, decay: float | None, resume: str | None = None
+) -> tuple[Engine, torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """As :func:`linear_trainer`, with a frozen bias beside the trained layer, a :class:`WeightAverage`
+    attached first and saved in the checkpoints; also the trained weights after every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[1].bias.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.1, momentum=0.9)
+
+    def step(engine: Engine, batch: torch.Tensor) -> float:
+        optimizer.zero_grad()
+        loss = (model(batch) - 1).square().mean()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    engine = Engine(step)
+    average = WeightAverage(model, start_epoch=start_epoch, decay=decay)
+    average.attach(engine)
+    steps: list[dict[str, torch.Tensor]] = []
+    engine.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda _: steps.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    to_save = {"model": model, "optimizer": optimizer, "weight_average": average}
+    ResumeFrom(resume, to_save).attach(engine)
+    ResumableCheckpoint(str(save_dir), to_save).attach(engine)
+    return engine, model, steps
+
+
+BATCHES = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.5]), torch.tensor([0.3, -2.0])]
+
+
+@pytest.mark.parametrize("decay", [None, 0.5])
+def test_weight_average_is_the_model_at_the_end_of_training(tmp_path, decay):
+    engine, model, steps = averaging_trainer(tmp_path, start_epoch=3, decay=decay)
+    seen_at_last_epoch = {}
+    engine.add_event_handler(  # attached after it, as validation and the checkpoints are
+        Events.EPOCH_COMPLETED(once=4),
+        lambda _: seen_at_last_epoch.update({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    engine.run(BATCHES, max_epochs=4)
+    averaged = steps[2 * len(BATCHES) :]  # the steps of epochs 3 and 4
+    for name in ("0.weight", "0.bias", "1.weight"):
+        expected = averaged[0][name]
+        for index, weights in enumerate(averaged[1:], start=1):
+            expected = expected + (weights[name] - expected) * (
+                1 / (index + 1) if decay is None else 1 - decay
+            )
+        torch.testing.assert_close(model.state_dict()[name], expected)
+        torch.testing.assert_close(seen_at_last_epoch[name], expected)
+        assert not torch.allclose(expected, steps[-1][name])  # not the last step's weights
+    torch.testing.assert_close(model[1].bias, steps[-1]["1.bias"], rtol=0, atol=0)  # frozen: its own
+    checkpoint = torch.load(tmp_path / "checkpoint_epoch=4.pt", weights_only=True)
+    assert checkpoint["weight_average"]["count"] == len(averaged)
+    torch.testing.assert_close(checkpoint["model"]["0.weight"], model[0].weight)
+
+
+def test_weight_average_resumed_averages_what_the_uninterrupted_run_does(tmp_path):
+    engine, model, _ = averaging_trainer(tmp_path / "straight", start_epoch=2, decay=None)
+    engine.run(BATCHES, max_epochs=4)
+    first = tmp_path / "first"
+    engine, _, _ = averaging_trainer(first, start_epoch=2, decay=None)
+
+    def killed(_: Engine) -> None:
+        raise KeyboardInterrupt
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=3), killed)  # after the epoch-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(BATCHES, max_epochs=4)
+    resume = str(first / "checkpoint_epoch=3.pt")
+    engine, resumed, _ = averaging_trainer(tmp_path / "resumed", start_epoch=2, decay=None, resume=resume)
+    engine.run(BATCHES, max_epochs=4)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-7)
+
+
+def test_weight_average_off_or_not_reached_leaves_the_last_model(tmp_path, caplog):
+    for start_epoch in (None, 5):
+        engine, model, steps = averaging_trainer(
+            tmp_path / str(start_epoch), start_epoch=start_epoch, decay=None
+        )
+        with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
+            engine.run(BATCHES, max_epochs=2)
+        for name, value in steps[-1].items():
+            torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    assert "Weight averaging from epoch 5: training ended at epoch 2 before it began" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("start_epoch", "decay", "key"),
+    [
+        (0, None, "weight_average_start_epoch"),
+        (True, None, "weight_average_start_epoch"),
+        ("10", None, "weight_average_start_epoch"),
+        (2.0, None, "weight_average_start_epoch"),
+        (1, 1.0, "weight_average_decay"),
+        (1, -0.1, "weight_average_decay"),
+        (1, "0.99", "weight_average_decay"),
+        (1, True, "weight_average_decay"),
+    ],
+)
+def test_weight_average_refuses_settings_it_cannot_use(start_epoch, decay, key):
+    with pytest.raises(ValueError, match=f"{key} must be None or"):
+        WeightAverage(torch.nn.Linear(2, 1), start_epoch=start_epoch, decay=decay)
