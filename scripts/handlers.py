@@ -313,6 +313,11 @@ class ResumeFrom:
         path: a checkpoint written by :class:`ResumableCheckpoint`, or None to start afresh.
         load_dict: the other objects to restore (network, optimizer, scheduler).
         map_location: as in ``torch.load``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: as training starts, when the checkpoint lacks an object of ``load_dict`` (one written by an
+            older version) or does not fit it; the message names the file.
     """
 
     def __init__(self, path: str | None, load_dict: dict[str, Any], map_location: Any = None) -> None:
@@ -325,9 +330,18 @@ class ResumeFrom:
             raise FileNotFoundError(f"{self.path}: resume checkpoint not found.")
         logger.info("Resuming from %s", self.path)
         load_dict = {**self.load_dict, "trainer": engine}
-        CheckpointLoader(load_path=self.path, load_dict=load_dict, map_location=self.map_location).attach(
-            engine
-        )
+        loader = CheckpointLoader(load_path=self.path, load_dict=load_dict, map_location=self.map_location)
+        loader.logger = engine.logger
+        engine.add_event_handler(Events.STARTED, self._load, loader)
+
+    def _load(self, engine: Engine, loader: CheckpointLoader) -> None:
+        try:
+            loader(engine)
+        except ValueError as error:  # ignite's messages name neither the file nor what to do
+            raise ValueError(
+                f"{self.path}: cannot resume from this checkpoint ({error}); it must hold "
+                f"{sorted(loader.load_dict)}, as one written by this version's training does."
+            ) from error
 
 
 class AtomicDiskSaver(BaseSaveHandler):

@@ -252,3 +252,18 @@ def test_weight_average_off_or_not_reached_leaves_the_last_model(tmp_path, caplo
 def test_weight_average_refuses_settings_it_cannot_use(start_epoch, decay, key):
     with pytest.raises(ValueError, match=f"{key} must be None or"):
         WeightAverage(torch.nn.Linear(2, 1), start_epoch=start_epoch, decay=decay)
+
+
+def test_resume_from_a_checkpoint_without_the_weight_average_names_the_file_and_the_key(tmp_path):
+    engine, _, _ = averaging_trainer(tmp_path / "new", start_epoch=None, decay=None)
+    engine.run(BATCHES, max_epochs=1)
+    checkpoint = torch.load(tmp_path / "new" / "checkpoint_epoch=1.pt", weights_only=True)
+    del checkpoint["weight_average"]  # as versions before weight averaging wrote it
+    old = tmp_path / "checkpoint_epoch=1.pt"
+    torch.save(checkpoint, old)
+    engine, _, _ = averaging_trainer(tmp_path / "resumed", start_epoch=1, decay=None, resume=str(old))
+    with pytest.raises(
+        ValueError, match=r"checkpoint_epoch=1\.pt: cannot resume from this checkpoint"
+    ) as error:
+        engine.run(BATCHES, max_epochs=2)
+    assert "weight_average" in str(error.value)
