@@ -16,10 +16,22 @@ import fire
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 
 from scripts.export_nnunet import export_nnunet
 
 ROOT = Path(__file__).resolve().parents[1]
+# train.yaml's keys of the synthetic dataset, without their ``synthetic_`` prefix
+SYNTHETIC_KEYS = (
+    "cases",
+    "seed",
+    "centre",
+    "splits",
+    "negatives",
+    "training_aneurysms",
+    "training_p_bone",
+    "training_stratified_sizes",
+)
 SHAPE = (12, 10, 8)
 SPLITS = {"training": ["tr_a", "tr_b", "tr_c"], "validation": ["va_a", "va_b"], "test": ["ts_a"]}
 
@@ -401,16 +413,10 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
     monkeypatch.setattr(scripts.data.synthetic, "ensure_dataset", fake_ensure_dataset)
     folder = export_nnunet(output_dir=str(tmp_path / "raw"), dataset_id=7)
     assert Path(asked.pop("dataset_dir")) == ROOT / "data" / "synthetic"
-    assert asked == {
-        "num_cases": 20,
-        "seed": 0,
-        "centre": "A",
-        "splits": [16, 4, 0],
-        "negatives": 2,
-        "training_aneurysms": None,
-        "training_p_bone": 0.7,
-        "training_stratified_sizes": False,
-    }
+    train = ConfigParser()
+    train.read_config(ROOT / "configs" / "train.yaml")
+    synthetic = {key: train.get_parsed_content(f"synthetic_{key}") for key in SYNTHETIC_KEYS}
+    assert asked == {"num_cases": synthetic.pop("cases"), **synthetic}
     check_nnunet_raw(Path(folder))
 
 
