@@ -21,17 +21,6 @@ from monai.bundle import ConfigParser
 from scripts.export_nnunet import export_nnunet
 
 ROOT = Path(__file__).resolve().parents[1]
-# train.yaml's keys of the synthetic dataset, without their ``synthetic_`` prefix
-SYNTHETIC_KEYS = (
-    "cases",
-    "seed",
-    "centre",
-    "splits",
-    "negatives",
-    "training_aneurysms",
-    "training_p_bone",
-    "training_stratified_sizes",
-)
 SHAPE = (12, 10, 8)
 SPLITS = {"training": ["tr_a", "tr_b", "tr_c"], "validation": ["va_a", "va_b"], "test": ["ts_a"]}
 
@@ -415,8 +404,10 @@ def test_default_is_train_yaml_synthetic_dataset(tmp_path, dataset, monkeypatch)
     assert Path(asked.pop("dataset_dir")) == ROOT / "data" / "synthetic"
     train = ConfigParser()
     train.read_config(ROOT / "configs" / "train.yaml")
-    synthetic = {key: train.get_parsed_content(f"synthetic_{key}") for key in SYNTHETIC_KEYS}
-    assert asked == {"num_cases": synthetic.pop("cases"), **synthetic}
+    # the datalist's synthetic_<argument> keys of ensure_dataset (synthetic_cases for num_cases)
+    keys = [key for key in train["datalist"] if key.startswith("synthetic_") and key != "synthetic_dir"]
+    expected = {key.removeprefix("synthetic_"): train.get_parsed_content(key) for key in keys}
+    assert asked == {"num_cases": expected.pop("cases"), **expected}
     check_nnunet_raw(Path(folder))
 
 
