@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE_ROOT, bundle_workflow, run_workflow
+from scipy import ndimage
 from torch import nn
 
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -120,6 +121,42 @@ def test_inference_returns_the_thresholded_scan_on_its_own_grid(scan, tmp_path):
     np.testing.assert_array_equal(thresholded, known_label())  # all three labels, where they were put
 
 
+def rim_scan() -> tuple[np.ndarray, np.ndarray]:
+    """The scan with a one-voxel shell around the second vessel box at 0.22 of the brightest level, and the
+    shell: under the network's vessel threshold (0.25), over 0.4 of the box's own level (0.5)."""
+    box = np.zeros(SHAPE, bool)
+    box[SECOND_VESSEL_BOX] = True
+    shell = ndimage.binary_dilation(box, structure=ndimage.generate_binary_structure(3, 1)) & ~box
+    levels = np.array([0.0, VESSEL_LEVEL, ANEURYSM_LEVEL], np.float32)
+    image = levels[known_label()]
+    image[shell] = 0.22 * ANEURYSM_LEVEL
+    return image, shell
+
+
+@pytest.mark.parametrize("steps", [6, 0])
+def test_inference_grows_the_labels_into_a_dim_rim_on_the_scan_s_own_grid(scan, tmp_path, steps):
+    """The post-processing's growth to the lumen's edge labels :func:`rim_scan`'s dim shell vessel, voxel for
+    voxel in the file's axes; with no growth steps it stays out."""
+    _, model = scan
+    image, shell = rim_scan()
+    (tmp_path / "images").mkdir()
+    run_workflow(
+        bundle_workflow(
+            str(CONFIGS / "inference.yaml"),
+            "infer",
+            input_files=[str(save(tmp_path / "images" / "rim.nii.gz", image))],
+            model_path=str(model),
+            output_dir=str(tmp_path / "out"),
+            postprocess_lumen_steps=steps,
+            **OVERRIDES,
+        )
+    )
+    expected = known_label()
+    if steps:
+        expected[shell] = 1
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "rim_seg.nii.gz").dataobj), expected)
+
+
 def shifted(label: np.ndarray, axis: int) -> np.ndarray:
     """``label`` moved by one voxel along a file axis (the boxes stay clear of the border)."""
     return np.roll(label, 1, axis=axis)
@@ -173,3 +210,39 @@ def test_evaluation_scores_at_the_label_s_own_spacing(scan, tmp_path):
             dice_after_shift([VESSEL_BOX, SECOND_VESSEL_BOX], axis)
         )
         assert float(record["aneurysm_dice"]) == pytest.approx(dice_after_shift([ANEURYSM_BOX], axis))
+
+
+@pytest.mark.parametrize("steps", [6, 0])
+def test_evaluation_scores_the_labels_grown_into_a_dim_rim(scan, tmp_path, steps):
+    """Evaluation post-processes as inference does: the dim shell of :func:`rim_scan`, labelled vessel in the
+    truth, is found by the growth (vessel Dice 1) and missed without it."""
+    _, model = scan
+    image, shell = rim_scan()
+    label = known_label()
+    label[shell] = 1
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    entry = {
+        "image": str(save(data / "images" / "rim.nii.gz", image)),
+        "label": str(save(data / "labels" / "rim.nii.gz", label)),
+    }
+    (data / "dataset.json").write_text(json.dumps({"test": [entry]}))
+    run_workflow(
+        bundle_workflow(
+            [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+            "eval",
+            bundle_root=str(tmp_path),
+            dataset_dir=str(data),
+            model_path=str(model),
+            postprocess_lumen_steps=steps,
+            **OVERRIDES,
+        ),
+        check_properties=False,
+    )
+    with open(tmp_path / "outputs" / "eval" / "per_case.csv", newline="") as handle:
+        (record,) = csv.DictReader(handle)
+    vessel = label == 1
+    missed = 2 * (vessel & ~shell).sum() / (vessel.sum() + (vessel & ~shell).sum())
+    assert float(record["vessel_dice"]) == pytest.approx(1.0 if steps else missed)
+    assert float(record["aneurysm_dice"]) == 1.0

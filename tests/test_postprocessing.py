@@ -7,8 +7,15 @@ import pytest
 import torch
 from conftest import flat_aneurysm_scene, postprocessing_scene
 from monai.data import MetaTensor
+from scipy import ndimage
 
-from scripts.postprocessing import CleanSegmentationd, SuppressDarkForegroundd, clean_segmentation
+from scripts.postprocessing import (
+    CleanSegmentationd,
+    GrowToLumend,
+    SuppressDarkForegroundd,
+    clean_segmentation,
+    grow_to_lumen,
+)
 
 
 def test_off_by_default():
@@ -134,3 +141,93 @@ def test_flat_rule_measures_in_millimetres_and_spares_detached_aneurysms():
         clean_segmentation(label, (1.0, 1.0, 1.0), min_aneurysm_height_mm=-1.0)
     with pytest.raises(ValueError, match="min_aneurysm_aspect_ratio"):
         CleanSegmentationd("pred", min_aneurysm_aspect_ratio=-0.1)
+
+
+def _blurred_lumen() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ball of radius 8 (a sac) on a tube of radius 3 along the last axis, blurred as a scanner blurs them;
+    the true labels; and labels drawn two voxels inside the truth, as a model that misses the rim does."""
+    grid = np.indices((40, 40, 40)).astype(np.float32)
+    tube = np.hypot(grid[0] - 20, grid[1] - 12) <= 3
+    ball = np.sqrt((grid[0] - 20) ** 2 + (grid[1] - 24) ** 2 + (grid[2] - 20) ** 2) <= 8
+    truth = np.where(ball, 2, np.where(tube, 1, 0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    image = ndimage.gaussian_filter((truth > 0).astype(np.float32), 1.0) + rng.normal(0, 0.02, truth.shape)
+    inner = ndimage.binary_erosion(truth > 0, iterations=2)
+    return image.astype(np.float32), truth, np.where(inner, truth, 0).astype(np.uint8)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_labels_grow_to_the_half_maximum_edge_of_the_lumen_and_no_further():
+    image, truth, inner = _blurred_lumen()
+    grown = grow_to_lumen(inner, image, fraction=0.4, steps=6)
+    for label in (1, 2):
+        assert _dice(inner == label, truth == label) < 0.85
+        assert _dice(grown == label, truth == label) > 0.95
+    # the dark background (noise 2 % of the lumen) is never reached, six steps or not
+    assert not (grown[ndimage.gaussian_filter(image, 1.0) < 0.2] > 0).any()
+    assert (inner == grown)[inner > 0].all()  # labels already there stay
+
+
+def test_each_step_adds_at_most_one_voxel_layer():
+    image = np.ones((20, 20, 20), np.float32)  # a bright slab: only the steps stop the growth
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[10, 10, 10] = 1
+    for steps in (1, 3):
+        grown = grow_to_lumen(label, image, fraction=0.4, steps=steps)
+        reach = ndimage.binary_dilation(
+            label > 0, structure=ndimage.generate_binary_structure(3, 1), iterations=steps
+        )
+        np.testing.assert_array_equal(grown > 0, reach)
+
+
+def test_a_grown_voxel_takes_its_neighbour_s_label_aneurysm_over_vessel():
+    image = np.ones((9, 9, 9), np.float32)
+    label = np.zeros((9, 9, 9), np.uint8)
+    label[4, 4, 2], label[4, 4, 6] = 1, 2  # vessel on one side, aneurysm on the other
+    grown = grow_to_lumen(label, image, fraction=0.4, steps=1)
+    assert grown[4, 4, 1] == 1 and grown[4, 4, 7] == 2
+    label[4, 4, 4] = 1
+    grown = grow_to_lumen(label, image, fraction=0.4, steps=1)
+    assert grown[4, 4, 5] == 2  # between vessel and aneurysm: aneurysm
+
+
+def test_growth_is_off_at_zero_and_refuses_bad_settings():
+    image, _, inner = _blurred_lumen()
+    for fraction, steps in ((0.0, 6), (0.4, 0)):
+        np.testing.assert_array_equal(grow_to_lumen(inner, image, fraction, steps), inner)
+    blank = np.zeros_like(inner)
+    np.testing.assert_array_equal(grow_to_lumen(blank, image, 0.4, 6), blank)
+    for fraction, steps, name in (
+        (1.0, 6, "fraction"),
+        (-0.1, 6, "fraction"),
+        (True, 6, "fraction"),
+        ("0.4", 6, "fraction"),
+        (0.4, -1, "steps"),
+        (0.4, 2.5, "steps"),
+        (0.4, True, "steps"),
+    ):
+        with pytest.raises(ValueError, match=f"lumen {name}"):
+            grow_to_lumen(inner, image, fraction, steps)
+        with pytest.raises(ValueError, match=f"lumen {name}"):
+            GrowToLumend("pred", fraction=fraction, steps=steps)
+    with pytest.raises(ValueError, match="one shape"):
+        grow_to_lumen(inner, image[:-1], 0.4, 6)
+
+
+def test_dictionary_transform_grows_on_the_named_image_and_checks_its_grid():
+    image, truth, inner = _blurred_lumen()
+    affine = torch.diag(torch.tensor([0.4, 0.4, 0.4, 1.0]))
+    data = {
+        "pred": MetaTensor(torch.as_tensor(inner[None]), affine=affine),
+        "lumen_image": torch.as_tensor(image[None]),
+    }
+    out = GrowToLumend("pred", image_key="lumen_image", fraction=0.4, steps=6)(data)
+    np.testing.assert_array_equal(out["pred"][0].numpy(), grow_to_lumen(inner, image, 0.4, 6))
+    assert isinstance(out["pred"], MetaTensor) and torch.equal(out["pred"].affine, affine)
+    np.testing.assert_array_equal(data["pred"][0].numpy(), inner)  # the input is left alone
+    data["lumen_image"] = data["lumen_image"][:, :-1]
+    with pytest.raises(ValueError, match="pred: expected .* on the grid of lumen_image"):
+        GrowToLumend("pred", image_key="lumen_image", fraction=0.4, steps=6)(data)
