@@ -23,9 +23,10 @@ One rule reads the image instead: 3DRA is near-binary, lumen bright on a dark ba
   stays below ``min_intensity`` of the lumen level, the class probabilities become background (a blank
   volume, or the dark background beside a window's edge, cannot hold lumen).
 * **the lumen's edge** (:class:`GrowToLumend`): the labels grow, one voxel layer per step, into unlabelled
-  voxels brighter than ``fraction`` of the brightest labelled voxel near them. The edge of a blurred lumen
-  lies where the intensity falls to about half its peak (half maximum); a model that draws the boundary
-  inside it misses a rim that is a large part of a thin vessel or a small sac.
+  voxels brighter than ``fraction`` of the brightest labelled voxel near them and than ``floor`` of the
+  lumen level. The edge of a blurred lumen lies where the intensity falls to about half its peak (half
+  maximum); a model that draws the boundary inside it misses a rim that is a large part of a thin vessel or
+  a small sac. The floor keeps a false label on a bright background texture from spreading over the texture.
 
 Volumes are in mm^3 at the prediction's own spacing. ``python -m scripts.tune_postprocessing`` chooses
 the component settings on saved validation predictions, as nnU-Net chooses its post-processing; the
@@ -310,20 +311,24 @@ class SuppressDarkForegroundd(MapTransform):
         return d
 
 
-def grow_to_lumen(label: np.ndarray, image: np.ndarray, fraction: float, steps: int) -> np.ndarray:
+def grow_to_lumen(
+    label: np.ndarray, image: np.ndarray, fraction: float, steps: int, floor: float = 0.0
+) -> np.ndarray:
     """Grow the foreground labels into the unlabelled bright rim of the lumen they sit in.
 
-    Each step adds the unlabelled voxels that face a labelled one (6-connected) and are brighter than
-    ``fraction`` of the brightest labelled voxel within ``steps + 1`` voxels; a new voxel takes its
-    neighbours' label, aneurysm over vessel. Dark background is never reached, and a structure grows by at
+    Each step adds the unlabelled voxels that face a labelled one (6-connected) and are brighter than both
+    ``fraction`` of the brightest labelled voxel within ``steps + 1`` voxels and ``floor``; a new voxel takes
+    its neighbours' label, aneurysm over vessel. Dark background is never reached, and a structure grows by at
     most ``steps`` voxels.
 
     Args:
         label: (D, H, W) integer labels 0/1/2.
-        image: (D, H, W) intensities on the same grid (scaled or not: only ratios count).
+        image: (D, H, W) intensities on the same grid, scaled as the preprocessing scales them (background
+            median 0, lumen level 1).
         fraction: the least intensity of the lumen, as a fraction of the local labelled peak, in [0, 1);
             0 turns the rule off.
         steps: how many voxel layers the labels may grow; 0 turns the rule off.
+        floor: the least intensity of a grown voxel, in [0, 1). Default 0.
 
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
@@ -333,13 +338,13 @@ def grow_to_lumen(label: np.ndarray, image: np.ndarray, fraction: float, steps: 
         raise ValueError(
             f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
         )
-    _check_growth(fraction, steps)
+    _check_growth(fraction, steps, floor)
     out = label.copy()
     foreground = out > 0
     if fraction <= 0 or steps == 0 or not foreground.any():
         return out
     peak = ndimage.maximum_filter(np.where(foreground, image, 0.0), size=2 * steps + 3)
-    lumen = (peak > 0) & (image > fraction * peak)
+    lumen = (peak > 0) & (image > np.maximum(fraction * peak, floor))
     faces = ndimage.generate_binary_structure(3, 1)
     for _ in range(steps):
         grown = ndimage.grey_dilation(out, footprint=faces)
@@ -350,10 +355,11 @@ def grow_to_lumen(label: np.ndarray, image: np.ndarray, fraction: float, steps: 
     return out
 
 
-def _check_growth(fraction: Any, steps: Any) -> None:
+def _check_growth(fraction: Any, steps: Any, floor: Any) -> None:
     """Raise ValueError naming the lumen-growth setting that is out of range or of the wrong type."""
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-        raise ValueError(f"lumen fraction must be a number in [0, 1), got {fraction!r}.")
+    for name, value in (("fraction", fraction), ("floor", floor)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"lumen {name} must be a number in [0, 1), got {value!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"lumen steps must be an integer >= 0, got {steps!r}.")
 
@@ -367,8 +373,8 @@ class GrowToLumend(MapTransform):
 
     Args:
         keys: label keys, each (1, D, H, W) integer labels.
-        image_key: the (1, D, H, W) image on the labels' grid. Default ``"image"``.
-        fraction, steps: see :func:`grow_to_lumen`. Default 0 (off).
+        image_key: the (1, D, H, W) scaled image on the labels' grid. Default ``"image"``.
+        fraction, steps, floor: see :func:`grow_to_lumen`. Default 0 (off).
         allow_missing_keys: as in MONAI.
     """
 
@@ -378,13 +384,15 @@ class GrowToLumend(MapTransform):
         image_key: str = "image",
         fraction: float = 0.0,
         steps: int = 0,
+        floor: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        _check_growth(fraction, steps)
+        _check_growth(fraction, steps, floor)
         self.image_key = image_key
         self.fraction = float(fraction)
         self.steps = int(steps)
+        self.floor = float(floor)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -399,7 +407,9 @@ class GrowToLumend(MapTransform):
                     f"{tuple(image.shape)}, got shape {tuple(pred.shape)}."
                 )
             array = image[0].detach().float().cpu().numpy()
-            grown = grow_to_lumen(pred[0].detach().cpu().numpy(), array, self.fraction, self.steps)
+            grown = grow_to_lumen(
+                pred[0].detach().cpu().numpy(), array, self.fraction, self.steps, self.floor
+            )
             pred = pred.clone()
             pred[0] = torch.as_tensor(grown, dtype=pred.dtype, device=pred.device)
             d[key] = pred

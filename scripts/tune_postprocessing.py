@@ -4,8 +4,10 @@ Every combination of ``GRID`` is applied to the saved raw predictions (``save_pr
 ``configs/evaluate.yaml``, with post-processing off) and scored against the labels with
 :func:`scripts.selection_metric.case_score` (mean of vessel Dice, aneurysm Dice and aneurysm detection
 F1); then, on top of the best of them, every combination of ``SHAPE_GRID`` (the flat-aneurysm rule, which
-measures each aneurysm and so costs more), as nnU-Net decides its rules one after the other. The best mean
-wins, ties going to the mildest setting. Run from the bundle root::
+measures each aneurysm and so costs more); then, on top of the best so far, every setting of ``LUMEN_GRID``
+(the growth to the lumen's edge, read on each case's image scaled as the preprocessing scales it, its floor
+fixed: phantoms prefer none, background-only volumes need one), as nnU-Net decides its rules one after the
+other. The best mean wins, ties going to the mildest setting. Run from the bundle root::
 
     python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \\
         --meta_file configs/metadata.json --logging_file configs/logging.conf --eval_seed 2000 \\
@@ -31,13 +33,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from scripts.atomic_io import write_atomically
 from scripts.data.datalist import load_split
-from scripts.postprocessing import clean_segmentation
+from scripts.data.intensity import robust_scale
+from scripts.postprocessing import clean_segmentation, grow_to_lumen
 from scripts.selection_metric import case_score
 
-__all__ = ["GRID", "SHAPE_GRID", "main", "tune"]
+__all__ = ["GRID", "LUMEN_GRID", "SHAPE_GRID", "main", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,9 @@ SHAPE_GRID = {
     "min_aneurysm_height_mm": [0.0, 1.0, 1.5, 2.0, 2.5, 3.0],
     "min_aneurysm_aspect_ratio": [0.0, 0.2, 0.3, 0.4, 0.5],
 }
+# (fraction, steps) of the growth to the lumen's edge; (0, 0) is off
+LUMEN_GRID = {"lumen_fraction": [0.3, 0.4, 0.5, 0.6], "lumen_steps": [1, 2, 4, 6, 10]}
+_LUMEN_OFF = {"lumen_fraction": 0.0, "lumen_steps": 0}
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -61,16 +68,29 @@ def _prediction_for(pred_dir: Path, image: str) -> Path:
     return path
 
 
-def tune(cases: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]) -> list[dict]:
-    """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, on ``(pred, label,
-    spacing)`` cases; rows of both stages sorted best first.
+def tune(
+    cases: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],
+    images: list[np.ndarray] | None = None,
+    lumen_floor: float = 0.2,
+) -> list[dict]:
+    """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, then, given the
+    cases' ``images`` (scaled, on the predictions' grid), every ``LUMEN_GRID`` setting on top of the best of
+    those with the growth's floor at ``lumen_floor``, on ``(pred, label, spacing)`` cases; rows of all stages
+    sorted best first.
 
-    Each row: the six settings, ``score`` (mean over cases) and the means of its three parts.
+    Each row: the eight settings (the growth off where not tried), ``score`` (mean over cases) and the means
+    of its three parts.
     """
-    off = dict.fromkeys(SHAPE_GRID, 0.0)
+    off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF}
     rows = _score_grid(cases, [{**settings, **off} for settings in _combinations(GRID)])
     best = {k: v for k, v in rows[0].items() if k in GRID}
-    rows += _score_grid(cases, [{**best, **shape} for shape in _combinations(SHAPE_GRID)], start=len(rows))
+    shapes = [{**best, **shape, **_LUMEN_OFF} for shape in _combinations(SHAPE_GRID)]
+    rows += _score_grid(cases, shapes, start=len(rows))
+    if images is not None:
+        rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
+        best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID}
+        lumens = [{**best, **lumen} for lumen in _combinations(LUMEN_GRID)]
+        rows += _score_grid(cases, lumens, start=len(rows), images=images, floor=lumen_floor)
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
 
@@ -79,21 +99,35 @@ def _combinations(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def _score_grid(cases: list, settings_list: list[dict], start: int = 0) -> list[dict]:
+def _score_grid(
+    cases: list,
+    settings_list: list[dict],
+    start: int = 0,
+    images: list[np.ndarray] | None = None,
+    floor: float = 0.0,
+) -> list[dict]:
     """Rows of ``settings_list`` scored on ``cases``, best first; ``_order`` (from ``start``) breaks ties."""
     rows = []
     for order, settings in enumerate(settings_list, start=start):
-        parts = [case_score(clean_segmentation(p, s, **settings), t) for p, t, s in cases]
+        clean = {k: v for k, v in settings.items() if k not in _LUMEN_OFF}
+        parts = []
+        for index, (pred, truth, spacing) in enumerate(cases):
+            out = clean_segmentation(pred, spacing, **clean)
+            if settings["lumen_steps"]:
+                fraction, steps = settings["lumen_fraction"], settings["lumen_steps"]
+                out = grow_to_lumen(out, images[index], fraction, steps, floor)
+            parts.append(case_score(out, truth))
         means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
         rows.append({**settings, **means, "_order": order})
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return rows
 
 
-def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
-    """Tune on the saved predictions of ``split`` of ``datalist``; returns the best row."""
+def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: float = 0.2) -> dict:
+    """Tune on the saved predictions of ``split`` of ``datalist``, the growth's floor at ``lumen_floor`` (the
+    configs' ``postprocess_lumen_floor``); returns the best row."""
     folder = Path(pred_dir)
-    cases = []
+    cases, images = [], []
     for entry in load_split(datalist, split):
         pred = nib.load(_prediction_for(folder, entry["image"]))
         label = nib.load(entry["label"])
@@ -109,10 +143,14 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
                 spacing,
             )
         )
-    rows = tune(cases)
+        image = nib.load(entry["image"])
+        if image.shape[:3] != label.shape[:3]:
+            raise ValueError(f"{entry['image']}: image shape {image.shape} differs from label {label.shape}.")
+        images.append(robust_scale(torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))).numpy())
+    rows = tune(cases, images, lumen_floor)
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
-        f"{'height':>6} {'aspect':>6} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+        f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
     )
 
     def table(selected: list[dict]) -> str:
@@ -121,7 +159,8 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
             + [
                 f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} "
                 f"{r['detached_aneurysm_label']!s:>10} {r['min_component_fraction']:8.2f} "
-                f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} {r['score']:7.4f} "
+                f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} "
+                f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['score']:7.4f} "
                 f"{r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
                 for r in selected
             ]
@@ -136,21 +175,35 @@ def main(pred_dir: str, datalist: str, split: str = "validation") -> dict:
         and r["min_component_fraction"] == 0
         and r["min_aneurysm_height_mm"] == 0
         and r["min_aneurysm_aspect_ratio"] == 0
+        and r["lumen_steps"] == 0
     )
     best = rows[0]
     shape_rows, seen = [], set()  # the second stage, best first; its all-off row is the first stage's best
     for r in rows:
         rule = (r["min_aneurysm_height_mm"], r["min_aneurysm_aspect_ratio"])
-        if all(r[k] == best[k] for k in GRID) and rule not in seen:
+        if all(r[k] == best[k] for k in GRID) and r["lumen_steps"] == 0 and rule not in seen:
             seen.add(rule)
             shape_rows.append(r)
+    lumen_rows, seen = [], set()  # the third stage, best first; its growth-off row is the best clean-up
+    for r in rows:
+        growth = (r["lumen_fraction"], r["lumen_steps"])
+        if all(r[k] == best[k] for k in [*GRID, *SHAPE_GRID]) and growth not in seen:
+            seen.add(growth)
+            lumen_rows.append(r)
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
     logger.info("the flat-aneurysm rule on top of the best of the first stage:\n%s", table(shape_rows))
+    logger.info("the growth to the lumen's edge on top of the best clean-up:\n%s", table(lumen_rows))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
-    logger.info("use: %s", " ".join(f"--postprocess_{k} {best[k]}" for k in [*GRID, *SHAPE_GRID]))
+    keys = [*GRID, *SHAPE_GRID, *LUMEN_GRID]
+    use = " ".join(f"--postprocess_{k} {best[k]}" for k in keys)
+    logger.info("use: %s --postprocess_lumen_floor %s", use, lumen_floor)
     write_atomically(
         str(folder / "postprocessing.json"),
-        json.dumps({"best": best, "none": none, "cases": len(cases), "rows": rows}, indent=2) + "\n",
+        json.dumps(
+            {"best": best, "none": none, "lumen_floor": lumen_floor, "cases": len(cases), "rows": rows},
+            indent=2,
+        )
+        + "\n",
     )
     return best
 

@@ -148,6 +148,23 @@ def postprocessing_scene():
     return label
 
 
+def blurred_lumen_scene():
+    """A ball of radius 8 (a sac, label 2) on a tube of radius 3 (label 1) along the last axis of a (40, 40, 40)
+    volume, blurred as a scanner blurs them (Gaussian, 1 voxel, noise 2 % of the lumen): (image float32,
+    truth uint8, the truth drawn two voxels inside itself as a model that misses the rim does)."""
+    import numpy as np
+    from scipy import ndimage
+
+    grid = np.indices((40, 40, 40)).astype(np.float32)
+    tube = np.hypot(grid[0] - 20, grid[1] - 12) <= 3
+    ball = np.sqrt((grid[0] - 20) ** 2 + (grid[1] - 24) ** 2 + (grid[2] - 20) ** 2) <= 8
+    truth = np.where(ball, 2, np.where(tube, 1, 0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    image = ndimage.gaussian_filter((truth > 0).astype(np.float32), 1.0) + rng.normal(0, 0.02, truth.shape)
+    inner = ndimage.binary_erosion(truth > 0, iterations=2)
+    return image.astype(np.float32), truth, np.where(inner, truth, 0).astype(np.uint8)
+
+
 def flat_aneurysm_scene():
     """(30, 30, 30) uint8 label: a vessel along axis 0 with a protruding aneurysm (5 voxels high, 5 wide) and
     a one-voxel-thin patch of aneurysm lying along its wall (7 voxels long)."""

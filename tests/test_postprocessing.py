@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import flat_aneurysm_scene, postprocessing_scene
+from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
 from monai.data import MetaTensor
 from scipy import ndimage
 
@@ -143,25 +143,12 @@ def test_flat_rule_measures_in_millimetres_and_spares_detached_aneurysms():
         CleanSegmentationd("pred", min_aneurysm_aspect_ratio=-0.1)
 
 
-def _blurred_lumen() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A ball of radius 8 (a sac) on a tube of radius 3 along the last axis, blurred as a scanner blurs them;
-    the true labels; and labels drawn two voxels inside the truth, as a model that misses the rim does."""
-    grid = np.indices((40, 40, 40)).astype(np.float32)
-    tube = np.hypot(grid[0] - 20, grid[1] - 12) <= 3
-    ball = np.sqrt((grid[0] - 20) ** 2 + (grid[1] - 24) ** 2 + (grid[2] - 20) ** 2) <= 8
-    truth = np.where(ball, 2, np.where(tube, 1, 0)).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    image = ndimage.gaussian_filter((truth > 0).astype(np.float32), 1.0) + rng.normal(0, 0.02, truth.shape)
-    inner = ndimage.binary_erosion(truth > 0, iterations=2)
-    return image.astype(np.float32), truth, np.where(inner, truth, 0).astype(np.uint8)
-
-
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 def test_labels_grow_to_the_half_maximum_edge_of_the_lumen_and_no_further():
-    image, truth, inner = _blurred_lumen()
+    image, truth, inner = blurred_lumen_scene()
     grown = grow_to_lumen(inner, image, fraction=0.4, steps=6)
     for label in (1, 2):
         assert _dice(inner == label, truth == label) < 0.85
@@ -183,6 +170,22 @@ def test_each_step_adds_at_most_one_voxel_layer():
         np.testing.assert_array_equal(grown > 0, reach)
 
 
+def test_the_floor_keeps_a_label_on_a_bright_texture_from_spreading_over_it():
+    rng = np.random.default_rng(0)
+    texture = rng.uniform(0.0, 0.18, (20, 20, 20)).astype(np.float32)  # a background texture, under the floor
+    texture[8:12, 8:12, 8:12] = 0.19  # a bump of it that a model called vessel
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[8:12, 8:12, 8:12] = 1
+    np.testing.assert_array_equal(grow_to_lumen(label, texture, fraction=0.4, steps=6, floor=0.2), label)
+    data = {"pred": MetaTensor(torch.as_tensor(label[None])), "image": torch.as_tensor(texture[None])}
+    np.testing.assert_array_equal(
+        GrowToLumend("pred", fraction=0.4, steps=6, floor=0.2)(data)["pred"][0], label
+    )
+    assert (grow_to_lumen(label, texture, fraction=0.4, steps=6) > 0).sum() > 8 * label.sum()
+    lumen = texture + 0.5  # the same labels in a lumen: the floor does not stop the growth
+    assert (grow_to_lumen(label, lumen, fraction=0.4, steps=1, floor=0.2) > 0).sum() > label.sum()
+
+
 def test_a_grown_voxel_takes_its_neighbour_s_label_aneurysm_over_vessel():
     image = np.ones((9, 9, 9), np.float32)
     label = np.zeros((9, 9, 9), np.uint8)
@@ -195,30 +198,33 @@ def test_a_grown_voxel_takes_its_neighbour_s_label_aneurysm_over_vessel():
 
 
 def test_growth_is_off_at_zero_and_refuses_bad_settings():
-    image, _, inner = _blurred_lumen()
+    image, _, inner = blurred_lumen_scene()
     for fraction, steps in ((0.0, 6), (0.4, 0)):
         np.testing.assert_array_equal(grow_to_lumen(inner, image, fraction, steps), inner)
     blank = np.zeros_like(inner)
     np.testing.assert_array_equal(grow_to_lumen(blank, image, 0.4, 6), blank)
-    for fraction, steps, name in (
-        (1.0, 6, "fraction"),
-        (-0.1, 6, "fraction"),
-        (True, 6, "fraction"),
-        ("0.4", 6, "fraction"),
-        (0.4, -1, "steps"),
-        (0.4, 2.5, "steps"),
-        (0.4, True, "steps"),
+    for fraction, steps, floor, name in (
+        (1.0, 6, 0.2, "fraction"),
+        (-0.1, 6, 0.2, "fraction"),
+        (True, 6, 0.2, "fraction"),
+        ("0.4", 6, 0.2, "fraction"),
+        (0.4, -1, 0.2, "steps"),
+        (0.4, 2.5, 0.2, "steps"),
+        (0.4, True, 0.2, "steps"),
+        (0.4, 6, 1.0, "floor"),
+        (0.4, 6, -0.2, "floor"),
+        (0.4, 6, None, "floor"),
     ):
         with pytest.raises(ValueError, match=f"lumen {name}"):
-            grow_to_lumen(inner, image, fraction, steps)
+            grow_to_lumen(inner, image, fraction, steps, floor)
         with pytest.raises(ValueError, match=f"lumen {name}"):
-            GrowToLumend("pred", fraction=fraction, steps=steps)
+            GrowToLumend("pred", fraction=fraction, steps=steps, floor=floor)
     with pytest.raises(ValueError, match="one shape"):
         grow_to_lumen(inner, image[:-1], 0.4, 6)
 
 
 def test_dictionary_transform_grows_on_the_named_image_and_checks_its_grid():
-    image, truth, inner = _blurred_lumen()
+    image, truth, inner = blurred_lumen_scene()
     affine = torch.diag(torch.tensor([0.4, 0.4, 0.4, 1.0]))
     data = {
         "pred": MetaTensor(torch.as_tensor(inner[None]), affine=affine),

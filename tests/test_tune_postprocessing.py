@@ -8,9 +8,9 @@ import math
 
 import nibabel as nib
 import numpy as np
-from conftest import flat_aneurysm_scene, postprocessing_scene
+from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
 
-from scripts.tune_postprocessing import GRID, SHAPE_GRID, main, tune
+from scripts.tune_postprocessing import GRID, LUMEN_GRID, SHAPE_GRID, main, tune
 
 
 def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
@@ -44,6 +44,22 @@ def test_tuning_turns_the_flat_aneurysm_rule_on_when_a_wall_patch_is_false():
     assert {"min_aneurysm_height_mm", "min_aneurysm_aspect_ratio"} <= set(rows[-1])
 
 
+def test_tuning_grows_the_labels_only_when_the_truth_holds_the_bright_rim():
+    image, truth, inner = blurred_lumen_scene()
+    rows = tune([(inner, truth, (1.0, 1.0, 1.0))], [image])
+    assert rows[0]["lumen_fraction"] > 0 and rows[0]["lumen_steps"] > 0
+    off = next(r for r in rows if r["lumen_steps"] == 0)
+    assert rows[0]["vessel_dice"] > 0.95 > 0.85 > off["vessel_dice"]
+    # where the truth ends at the labels (the rim is something else that is bright), the growth stays off
+    rows = tune([(inner, inner, (1.0, 1.0, 1.0))], [image])
+    assert rows[0]["lumen_steps"] == 0 and rows[0]["score"] == 1.0
+    # a floor above the rim stops the growth, so it is not chosen
+    rows = tune([(inner, truth, (1.0, 1.0, 1.0))], [0.9 * image], lumen_floor=0.99)  # no voxel reaches 0.99
+    assert rows[0]["lumen_steps"] == 0
+    # without images the growth is not tried
+    assert all(r["lumen_steps"] == 0 for r in tune([(inner, truth, (1.0, 1.0, 1.0))]))
+
+
 def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tmp_path, caplog):
     """``main`` on saved predictions: ``postprocessing.json`` holds the best setting, no post-processing and
     every row scored (both stages), and the log shows the flat-aneurysm rule's rows on top of the best."""
@@ -62,8 +78,15 @@ def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tm
         best = main(str(tmp_path / "predictions"), str(tmp_path / "dataset.json"))
     written = json.loads((tmp_path / "predictions" / "postprocessing.json").read_text())
     shape_size = math.prod(len(values) for values in SHAPE_GRID.values())
-    grid_size = math.prod(len(values) for values in GRID.values()) + shape_size
+    lumen_size = math.prod(len(values) for values in LUMEN_GRID.values())
+    grid_size = math.prod(len(values) for values in GRID.values()) + shape_size + lumen_size
     assert written["best"] == best == written["rows"][0] and len(written["rows"]) == grid_size
-    assert written["none"]["score"] < best["score"] and written["cases"] == 1
+    assert (
+        written["none"]["score"] < best["score"] and written["cases"] == 1 and written["lumen_floor"] == 0.2
+    )
     (trade_off,) = [r.getMessage() for r in caplog.records if "flat-aneurysm rule" in r.getMessage()]
     assert len(trade_off.splitlines()) == 1 + 1 + shape_size  # title, header, one row per rule
+    (growth,) = [r.getMessage() for r in caplog.records if "lumen's edge" in r.getMessage()]
+    assert (
+        len(growth.splitlines()) == 1 + 1 + 1 + lumen_size
+    )  # title, header, growth off, one row per setting
