@@ -169,6 +169,25 @@ def dice_after_shift(boxes: list[tuple[slice, ...]], axis: int) -> float:
     return sum(v * (n - 1) / n for v, n in zip(volumes, lengths, strict=True)) / sum(volumes)
 
 
+def evaluate(bundle_root: Path, data: Path, model: Path, **overrides) -> dict[str, dict]:
+    """The evaluate workflow on ``data/dataset.json``'s test split with the threshold network; its
+    ``per_case.csv`` rows by case name."""
+    run_workflow(
+        bundle_workflow(
+            [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+            "eval",
+            bundle_root=str(bundle_root),
+            dataset_dir=str(data),
+            model_path=str(model),
+            **OVERRIDES,
+            **overrides,
+        ),
+        check_properties=False,  # MONAI's "eval" properties name a top-level `dataset`; ours is validate#dataset
+    )
+    with open(bundle_root / "outputs" / "eval" / "per_case.csv", newline="") as handle:
+        return {row["case"].removesuffix(".nii.gz"): row for row in csv.DictReader(handle)}
+
+
 def test_evaluation_scores_at_the_label_s_own_spacing(scan, tmp_path):
     """Dice 1 and HD95 0 for the right answer; a one-voxel shift along file axis k costs SPACING[k] mm.
 
@@ -185,19 +204,7 @@ def test_evaluation_scores_at_the_label_s_own_spacing(scan, tmp_path):
         for name, label in labels.items()
     ]
     (data / "dataset.json").write_text(json.dumps({"test": entries}))
-    run_workflow(
-        bundle_workflow(
-            [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
-            "eval",
-            bundle_root=str(tmp_path),
-            dataset_dir=str(data),
-            model_path=str(model),
-            **OVERRIDES,
-        ),
-        check_properties=False,  # MONAI's "eval" properties name a top-level `dataset`; ours is validate#dataset
-    )
-    with open(tmp_path / "outputs" / "eval" / "per_case.csv", newline="") as handle:
-        records = {row["case"].removesuffix(".nii.gz"): row for row in csv.DictReader(handle)}
+    records = evaluate(tmp_path, data, model)
     assert set(records) == set(labels)
     for name in ("vessel", "aneurysm"):
         assert float(records["exact"][f"{name}_dice"]) == 1.0
@@ -228,20 +235,7 @@ def test_evaluation_scores_the_labels_grown_into_a_dim_rim(scan, tmp_path, steps
         "label": str(save(data / "labels" / "rim.nii.gz", label)),
     }
     (data / "dataset.json").write_text(json.dumps({"test": [entry]}))
-    run_workflow(
-        bundle_workflow(
-            [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
-            "eval",
-            bundle_root=str(tmp_path),
-            dataset_dir=str(data),
-            model_path=str(model),
-            postprocess_lumen_steps=steps,
-            **OVERRIDES,
-        ),
-        check_properties=False,
-    )
-    with open(tmp_path / "outputs" / "eval" / "per_case.csv", newline="") as handle:
-        (record,) = csv.DictReader(handle)
+    (record,) = evaluate(tmp_path, data, model, postprocess_lumen_steps=steps).values()
     vessel = label == 1
     missed = 2 * (vessel & ~shell).sum() / (vessel.sum() + (vessel & ~shell).sum())
     assert float(record["vessel_dice"]) == pytest.approx(1.0 if steps else missed)
