@@ -123,6 +123,17 @@ def _score_grid(
     return rows
 
 
+def _stage_rows(rows: list[dict], fixed: dict, grid: dict[str, list]) -> list[dict]:
+    """The rows (best first) that hold ``fixed``, one per distinct setting of ``grid``'s keys."""
+    selected, seen = [], set()
+    for r in rows:
+        setting = tuple(r[k] for k in grid)
+        if all(r[k] == v for k, v in fixed.items()) and setting not in seen:
+            seen.add(setting)
+            selected.append(r)
+    return selected
+
+
 def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: float = 0.2) -> dict:
     """Tune on the saved predictions of ``split`` of ``datalist``, the growth's floor at ``lumen_floor`` (the
     configs' ``postprocess_lumen_floor``); returns the best row."""
@@ -178,18 +189,9 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
         and r["lumen_steps"] == 0
     )
     best = rows[0]
-    shape_rows, seen = [], set()  # the second stage, best first; its all-off row is the first stage's best
-    for r in rows:
-        rule = (r["min_aneurysm_height_mm"], r["min_aneurysm_aspect_ratio"])
-        if all(r[k] == best[k] for k in GRID) and r["lumen_steps"] == 0 and rule not in seen:
-            seen.add(rule)
-            shape_rows.append(r)
-    lumen_rows, seen = [], set()  # the third stage, best first; its growth-off row is the best clean-up
-    for r in rows:
-        growth = (r["lumen_fraction"], r["lumen_steps"])
-        if all(r[k] == best[k] for k in [*GRID, *SHAPE_GRID]) and growth not in seen:
-            seen.add(growth)
-            lumen_rows.append(r)
+    # the second and third stages, best first; each one's off row is the best of the stages before it
+    shape_rows = _stage_rows(rows, {**{k: best[k] for k in GRID}, "lumen_steps": 0}, SHAPE_GRID)
+    lumen_rows = _stage_rows(rows, {k: best[k] for k in [*GRID, *SHAPE_GRID]}, LUMEN_GRID)
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
     logger.info("the flat-aneurysm rule on top of the best of the first stage:\n%s", table(shape_rows))
     logger.info("the growth to the lumen's edge on top of the best clean-up:\n%s", table(lumen_rows))
