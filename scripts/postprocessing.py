@@ -312,14 +312,19 @@ class SuppressDarkForegroundd(MapTransform):
 
 
 def grow_to_lumen(
-    label: np.ndarray, image: np.ndarray, fraction: float, steps: int, floor: float = 0.0
+    label: np.ndarray,
+    image: np.ndarray,
+    fraction: float,
+    steps: int,
+    floor: float = 0.0,
+    vessel_steps: int | None = None,
 ) -> np.ndarray:
     """Grow the foreground labels into the unlabelled bright rim of the lumen they sit in.
 
     Each step adds the unlabelled voxels that face a labelled one (6-connected) and are brighter than both
     ``fraction`` of the brightest labelled voxel within ``steps + 1`` voxels and ``floor``; a new voxel takes
     its neighbours' label, aneurysm over vessel. Dark background is never reached, and a structure grows by at
-    most ``steps`` voxels.
+    most ``steps`` voxels, vessel by at most ``vessel_steps``.
 
     Args:
         label: (D, H, W) integer labels 0/1/2.
@@ -329,6 +334,7 @@ def grow_to_lumen(
             0 turns the rule off.
         steps: how many voxel layers the labels may grow; 0 turns the rule off.
         floor: the least intensity of a grown voxel, in [0, 1). Default 0.
+        vessel_steps: how many of those layers vessel grows, in [0, steps]; None (default): ``steps``.
 
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
@@ -338,7 +344,8 @@ def grow_to_lumen(
         raise ValueError(
             f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
         )
-    _check_growth(fraction, steps, floor)
+    _check_growth(fraction, steps, floor, vessel_steps)
+    vessel_steps = steps if vessel_steps is None else vessel_steps
     out = label.copy()
     foreground = out > 0
     if fraction <= 0 or steps == 0 or not foreground.any():
@@ -346,22 +353,30 @@ def grow_to_lumen(
     peak = ndimage.maximum_filter(np.where(foreground, image, 0.0), size=2 * steps + 3)
     lumen = (peak > 0) & (image > np.maximum(fraction * peak, floor))
     faces = ndimage.generate_binary_structure(3, 1)
-    for _ in range(steps):
+    for step in range(steps):
         grown = ndimage.grey_dilation(out, footprint=faces)
         new = lumen & (out == BACKGROUND_LABEL) & (grown > BACKGROUND_LABEL)
+        if step >= vessel_steps:
+            new &= grown == ANEURYSM_LABEL
         if not new.any():
             break
         out[new] = grown[new]
     return out
 
 
-def _check_growth(fraction: Any, steps: Any, floor: Any) -> None:
+def _check_growth(fraction: Any, steps: Any, floor: Any, vessel_steps: Any = None) -> None:
     """Raise ValueError naming the lumen-growth setting that is out of range or of the wrong type."""
     for name, value in (("fraction", fraction), ("floor", floor)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
             raise ValueError(f"lumen {name} must be a number in [0, 1), got {value!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"lumen steps must be an integer >= 0, got {steps!r}.")
+    if vessel_steps is not None and (
+        isinstance(vessel_steps, bool) or not isinstance(vessel_steps, int) or not 0 <= vessel_steps <= steps
+    ):
+        raise ValueError(
+            f"lumen vessel_steps must be None or an integer in [0, steps={steps}], got {vessel_steps!r}."
+        )
 
 
 class GrowToLumend(MapTransform):
@@ -374,7 +389,8 @@ class GrowToLumend(MapTransform):
     Args:
         keys: label keys, each (1, D, H, W) integer labels.
         image_key: the (1, D, H, W) scaled image on the labels' grid. Default ``"image"``.
-        fraction, steps, floor: see :func:`grow_to_lumen`. Default 0 (off).
+        fraction, steps, floor, vessel_steps: see :func:`grow_to_lumen`. Default 0 (off); ``vessel_steps``
+            None (``steps``).
         allow_missing_keys: as in MONAI.
     """
 
@@ -385,14 +401,16 @@ class GrowToLumend(MapTransform):
         fraction: float = 0.0,
         steps: int = 0,
         floor: float = 0.0,
+        vessel_steps: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        _check_growth(fraction, steps, floor)
+        _check_growth(fraction, steps, floor, vessel_steps)
         self.image_key = image_key
         self.fraction = float(fraction)
         self.steps = int(steps)
         self.floor = float(floor)
+        self.vessel_steps = vessel_steps
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -408,7 +426,12 @@ class GrowToLumend(MapTransform):
                 )
             array = image[0].detach().float().cpu().numpy()
             grown = grow_to_lumen(
-                pred[0].detach().cpu().numpy(), array, self.fraction, self.steps, self.floor
+                pred[0].detach().cpu().numpy(),
+                array,
+                self.fraction,
+                self.steps,
+                self.floor,
+                self.vessel_steps,
             )
             pred = pred.clone()
             pred[0] = torch.as_tensor(grown, dtype=pred.dtype, device=pred.device)

@@ -6,8 +6,9 @@ Every combination of ``GRID`` is applied to the saved raw predictions (``save_pr
 F1); then, on top of the best of them, every combination of ``SHAPE_GRID`` (the flat-aneurysm rule, which
 measures each aneurysm and so costs more); then, on top of the best so far, every setting of ``LUMEN_GRID``
 (the growth to the lumen's edge, read on each case's image scaled as the preprocessing scales it, its floor
-fixed: phantoms prefer none, background-only volumes need one), as nnU-Net decides its rules one after the
-other. The best mean wins, ties going to the mildest setting. Run from the bundle root::
+fixed: phantoms prefer none, background-only volumes need one); then, where the growth is on, every cap of
+``VESSEL_GRID`` below its steps (how many of those layers vessel grows), as nnU-Net decides its rules one after
+the other. The best mean wins, ties going to the mildest setting. Run from the bundle root::
 
     python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \\
         --meta_file configs/metadata.json --logging_file configs/logging.conf --eval_seed 2000 \\
@@ -41,7 +42,7 @@ from scripts.data.intensity import robust_scale
 from scripts.postprocessing import clean_segmentation, grow_to_lumen
 from scripts.selection_metric import case_score
 
-__all__ = ["GRID", "LUMEN_GRID", "SHAPE_GRID", "main", "tune"]
+__all__ = ["GRID", "LUMEN_GRID", "SHAPE_GRID", "VESSEL_GRID", "main", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ SHAPE_GRID = {
 }
 # (fraction, steps) of the growth to the lumen's edge; (0, 0) is off
 LUMEN_GRID = {"lumen_fraction": [0.3, 0.4, 0.5, 0.6], "lumen_steps": [1, 2, 4, 6, 10]}
-_LUMEN_OFF = {"lumen_fraction": 0.0, "lumen_steps": 0}
+_LUMEN_OFF = {"lumen_fraction": 0.0, "lumen_steps": 0, "lumen_vessel_steps": None}
+# how many of the growth's layers vessel grows (None: all of them), tried below the best growth's steps
+VESSEL_GRID = {"lumen_vessel_steps": [0, 1, 2, 4, 6]}
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -75,11 +78,11 @@ def tune(
 ) -> list[dict]:
     """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, then, given the
     cases' ``images`` (scaled, on the predictions' grid), every ``LUMEN_GRID`` setting on top of the best of
-    those with the growth's floor at ``lumen_floor``, on ``(pred, label, spacing)`` cases; rows of all stages
-    sorted best first.
+    those with the growth's floor at ``lumen_floor``, then every ``VESSEL_GRID`` cap below the best growth's
+    steps, on ``(pred, label, spacing)`` cases; rows of all stages sorted best first.
 
-    Each row: the eight settings (the growth off where not tried), ``score`` (mean over cases) and the means
-    of its three parts.
+    Each row: the nine settings (the growth off where not tried, vessel uncapped), ``score`` (mean over cases)
+    and the means of its three parts.
     """
     off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF}
     rows = _score_grid(cases, [{**settings, **off} for settings in _combinations(GRID)])
@@ -89,8 +92,16 @@ def tune(
     if images is not None:
         rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
         best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID}
-        lumens = [{**best, **lumen} for lumen in _combinations(LUMEN_GRID)]
+        lumens = [{**best, **lumen, "lumen_vessel_steps": None} for lumen in _combinations(LUMEN_GRID)]
         rows += _score_grid(cases, lumens, start=len(rows), images=images, floor=lumen_floor)
+        rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
+        best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID or k in LUMEN_GRID}
+        caps = [
+            {**best, **cap}
+            for cap in _combinations(VESSEL_GRID)
+            if cap["lumen_vessel_steps"] < best["lumen_steps"]
+        ]
+        rows += _score_grid(cases, caps, start=len(rows), images=images, floor=lumen_floor)
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
 
@@ -115,7 +126,9 @@ def _score_grid(
             out = clean_segmentation(pred, spacing, **clean)
             if settings["lumen_steps"]:
                 fraction, steps = settings["lumen_fraction"], settings["lumen_steps"]
-                out = grow_to_lumen(out, images[index], fraction, steps, floor)
+                out = grow_to_lumen(
+                    out, images[index], fraction, steps, floor, settings["lumen_vessel_steps"]
+                )
             parts.append(case_score(out, truth))
         means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
         rows.append({**settings, **means, "_order": order})
@@ -161,7 +174,8 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     rows = tune(cases, images, lumen_floor)
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
-        f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+        f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'vessel steps':>12} {'score':>7} {'vessel':>7} "
+        f"{'aneur.':>7} {'F1':>7}"
     )
 
     def table(selected: list[dict]) -> str:
@@ -171,7 +185,7 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
                 f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} "
                 f"{r['detached_aneurysm_label']!s:>10} {r['min_component_fraction']:8.2f} "
                 f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} "
-                f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['score']:7.4f} "
+                f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['lumen_vessel_steps']!s:>12} {r['score']:7.4f} "
                 f"{r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
                 for r in selected
             ]
@@ -189,14 +203,18 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
         and r["lumen_steps"] == 0
     )
     best = rows[0]
-    # the second and third stages, best first; each one's off row is the best of the stages before it
+    # the second to fourth stages, best first; each one's off row is the best of the stages before it
     shape_rows = _stage_rows(rows, {**{k: best[k] for k in GRID}, "lumen_steps": 0}, SHAPE_GRID)
-    lumen_rows = _stage_rows(rows, {k: best[k] for k in [*GRID, *SHAPE_GRID]}, LUMEN_GRID)
+    lumen_rows = _stage_rows(
+        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID]}, "lumen_vessel_steps": None}, LUMEN_GRID
+    )
+    cap_rows = _stage_rows(rows, {k: best[k] for k in [*GRID, *SHAPE_GRID, *LUMEN_GRID]}, VESSEL_GRID)
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
     logger.info("the flat-aneurysm rule on top of the best of the first stage:\n%s", table(shape_rows))
     logger.info("the growth to the lumen's edge on top of the best clean-up:\n%s", table(lumen_rows))
+    logger.info("vessel's share of the best growth:\n%s", table(cap_rows))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
-    keys = [*GRID, *SHAPE_GRID, *LUMEN_GRID]
+    keys = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
     use = " ".join(f"--postprocess_{k} {best[k]}" for k in keys)
     logger.info("use: %s --postprocess_lumen_floor %s", use, lumen_floor)
     write_atomically(

@@ -197,6 +197,29 @@ def test_a_grown_voxel_takes_its_neighbour_s_label_aneurysm_over_vessel():
     assert grown[4, 4, 5] == 2  # between vessel and aneurysm: aneurysm
 
 
+def test_vessel_grows_only_its_own_layers_while_aneurysm_grows_all():
+    image = np.ones((21, 21, 21), np.float32)  # a bright slab (a bone plate): only the steps stop the growth
+    label = np.zeros((21, 21, 21), np.uint8)
+    label[10, 10, 3], label[10, 10, 17] = 1, 2
+    faces = ndimage.generate_binary_structure(3, 1)
+    grown = grow_to_lumen(label, image, fraction=0.4, steps=4, vessel_steps=1)
+    for value, steps in ((1, 1), (2, 4)):
+        reach = ndimage.binary_dilation(label == value, structure=faces, iterations=steps)
+        np.testing.assert_array_equal(grown == value, reach)
+    data = {"pred": MetaTensor(torch.as_tensor(label[None])), "image": torch.as_tensor(image[None])}
+    out = GrowToLumend("pred", fraction=0.4, steps=4, vessel_steps=1)(data)["pred"][0].numpy()
+    np.testing.assert_array_equal(out, grown)
+    # None: vessel grows every layer, as aneurysm does
+    np.testing.assert_array_equal(
+        grow_to_lumen(label, image, 0.4, 4, vessel_steps=None), grow_to_lumen(label, image, 0.4, 4)
+    )
+    for vessel_steps in (5, -1, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="lumen vessel_steps"):
+            grow_to_lumen(label, image, 0.4, 4, vessel_steps=vessel_steps)
+        with pytest.raises(ValueError, match="lumen vessel_steps"):
+            GrowToLumend("pred", fraction=0.4, steps=4, vessel_steps=vessel_steps)
+
+
 def test_growth_is_off_at_zero_and_refuses_bad_settings():
     image, _, inner = blurred_lumen_scene()
     for fraction, steps in ((0.0, 6), (0.4, 0)):

@@ -9,8 +9,9 @@ import math
 import nibabel as nib
 import numpy as np
 from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
+from scipy import ndimage
 
-from scripts.tune_postprocessing import GRID, LUMEN_GRID, SHAPE_GRID, main, tune
+from scripts.tune_postprocessing import GRID, LUMEN_GRID, SHAPE_GRID, VESSEL_GRID, main, tune
 
 
 def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
@@ -58,6 +59,35 @@ def test_tuning_grows_the_labels_only_when_the_truth_holds_the_bright_rim():
     assert rows[0]["lumen_steps"] == 0
     # without images the growth is not tried
     assert all(r["lumen_steps"] == 0 for r in tune([(inner, truth, (1.0, 1.0, 1.0))]))
+
+
+def test_tuning_caps_the_vessel_growth_when_only_the_sac_s_rim_is_lumen():
+    image, truth, _ = blurred_lumen_scene()
+    # the sac labelled four voxels inside its truth, the tube two; the tube's truth ends one voxel outside its
+    # labels (something else bright lies around it), the sac's holds its whole rim
+    tube = ndimage.binary_erosion(truth > 0, iterations=2) & (truth == 1)
+    inner = np.where(ndimage.binary_erosion(truth == 2, iterations=4), 2, np.where(tube, 1, 0)).astype(
+        np.uint8
+    )
+    truth = np.where(truth == 1, ndimage.binary_dilation(tube) & (truth == 1), truth).astype(np.uint8)
+    rows = tune([(inner, truth, (1.0, 1.0, 1.0))], [image])
+    best = rows[0]
+    assert best["lumen_steps"] > 0 and best["lumen_vessel_steps"] is not None
+    assert (
+        best["lumen_vessel_steps"] < best["lumen_steps"]
+        and best["lumen_vessel_steps"] in VESSEL_GRID["lumen_vessel_steps"]
+    )
+    uncapped = next(
+        r
+        for r in rows
+        if r["lumen_vessel_steps"] is None
+        and (r["lumen_fraction"], r["lumen_steps"]) == (best["lumen_fraction"], best["lumen_steps"])
+    )
+    assert best["vessel_dice"] > uncapped["vessel_dice"] and best["score"] > uncapped["score"]
+    # where the tube's rim is lumen too, vessel grows every layer
+    image, truth, inner = blurred_lumen_scene()
+    rows = tune([(inner, truth, (1.0, 1.0, 1.0))], [image])
+    assert rows[0]["lumen_steps"] > 0 and rows[0]["lumen_vessel_steps"] is None
 
 
 def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tmp_path, caplog):
