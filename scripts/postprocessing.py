@@ -324,7 +324,7 @@ def grow_to_lumen(
     Each step adds the unlabelled voxels that face a labelled one (6-connected) and are brighter than both
     ``fraction`` of the brightest labelled voxel within ``steps + 1`` voxels and ``floor``; a new voxel takes
     its neighbours' label, aneurysm over vessel. Dark background is never reached, and a structure grows by at
-    most ``steps`` voxels, vessel by at most ``vessel_steps``.
+    most ``steps`` voxels, vessel by at most ``vessel_steps`` of them.
 
     Args:
         label: (D, H, W) integer labels 0/1/2.
@@ -334,7 +334,8 @@ def grow_to_lumen(
             0 turns the rule off.
         steps: how many voxel layers the labels may grow; 0 turns the rule off.
         floor: the least intensity of a grown voxel, in [0, 1). Default 0.
-        vessel_steps: how many of those layers vessel grows, in [0, steps]; None (default): ``steps``.
+        vessel_steps: how many of those layers vessel grows (an integer >= 0; more than ``steps`` is ``steps``);
+            None (default): ``steps``.
 
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
@@ -345,7 +346,7 @@ def grow_to_lumen(
             f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
         )
     _check_growth(fraction, steps, floor, vessel_steps)
-    vessel_steps = steps if vessel_steps is None else vessel_steps
+    vessel_steps = steps if vessel_steps is None else min(vessel_steps, steps)
     out = label.copy()
     foreground = out > 0
     if fraction <= 0 or steps == 0 or not foreground.any():
@@ -372,11 +373,9 @@ def _check_growth(fraction: Any, steps: Any, floor: Any, vessel_steps: Any = Non
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"lumen steps must be an integer >= 0, got {steps!r}.")
     if vessel_steps is not None and (
-        isinstance(vessel_steps, bool) or not isinstance(vessel_steps, int) or not 0 <= vessel_steps <= steps
+        isinstance(vessel_steps, bool) or not isinstance(vessel_steps, int) or vessel_steps < 0
     ):
-        raise ValueError(
-            f"lumen vessel_steps must be None or an integer in [0, steps={steps}], got {vessel_steps!r}."
-        )
+        raise ValueError(f"lumen vessel_steps must be None or an integer >= 0, got {vessel_steps!r}.")
 
 
 class GrowToLumend(MapTransform):

@@ -213,7 +213,12 @@ def test_vessel_grows_only_its_own_layers_while_aneurysm_grows_all():
     np.testing.assert_array_equal(
         grow_to_lumen(label, image, 0.4, 4, vessel_steps=None), grow_to_lumen(label, image, 0.4, 4)
     )
-    for vessel_steps in (5, -1, 1.0, True, "1"):
+    # a cap above the steps is the steps: the growth turned off by steps 0 stays off with the default cap
+    np.testing.assert_array_equal(
+        grow_to_lumen(label, image, 0.4, 4, vessel_steps=9), grow_to_lumen(label, image, 0.4, 4)
+    )
+    np.testing.assert_array_equal(grow_to_lumen(label, image, 0.4, 0, vessel_steps=6), label)
+    for vessel_steps in (-1, 1.0, True, "1"):
         with pytest.raises(ValueError, match="lumen vessel_steps"):
             grow_to_lumen(label, image, 0.4, 4, vessel_steps=vessel_steps)
         with pytest.raises(ValueError, match="lumen vessel_steps"):
