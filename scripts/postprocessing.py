@@ -346,7 +346,7 @@ def grow_to_lumen(
             f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
         )
     _check_growth(fraction, steps, floor, vessel_steps)
-    vessel_steps = steps if vessel_steps is None else min(vessel_steps, steps)
+    vessel_steps = steps if vessel_steps is None else vessel_steps
     out = label.copy()
     foreground = out > 0
     if fraction <= 0 or steps == 0 or not foreground.any():
