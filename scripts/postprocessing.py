@@ -55,6 +55,7 @@ __all__ = [
     "clean_segmentation",
     "dark_voxels",
     "grow_to_lumen",
+    "spacing_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,11 +175,11 @@ def _check_settings(
         )
 
 
-def _spacing_of(image: Any) -> tuple[float, float, float]:
+def spacing_of(image: Any) -> tuple[float, float, float]:
     """Voxel spacing (mm) from a MetaTensor's affine."""
     affine = getattr(image, "affine", None)
     if affine is None:
-        raise ValueError("CleanSegmentationd needs a MetaTensor with an affine to know the voxel volume.")
+        raise ValueError("The post-processing needs a MetaTensor with an affine to know the voxel spacing.")
     affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=float)
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
@@ -232,7 +233,7 @@ class CleanSegmentationd(MapTransform):
             if pred.ndim != 4 or pred.shape[0] != 1:
                 raise ValueError(f"{key}: expected (1, D, H, W) labels, got shape {tuple(pred.shape)}.")
             array = pred[0].detach().cpu().numpy()
-            cleaned = clean_segmentation(array, _spacing_of(pred), **self.settings)
+            cleaned = clean_segmentation(array, spacing_of(pred), **self.settings)
             pred = pred.clone()
             pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
             d[key] = pred

@@ -7,7 +7,8 @@ F1); then, on top of the best of them, every combination of ``SHAPE_GRID`` (the 
 measures each aneurysm and so costs more); then, on top of the best so far, every setting of ``LUMEN_GRID``
 (the growth to the lumen's edge, read on each case's image scaled as the preprocessing scales it, its floor
 fixed: phantoms prefer none, background-only volumes need one); then, where the growth is on, every cap of
-``VESSEL_GRID`` below its steps (how many of those layers vessel grows), as nnU-Net decides its rules one after
+``VESSEL_GRID`` below its steps (how many of those layers vessel grows); then every setting of ``PLATE_GRID``
+(vessel labels on bone plates set to background, :mod:`scripts.plates`), as nnU-Net decides its rules one after
 the other. The best mean wins, ties going to the mildest setting. Run from the bundle root::
 
     python -m monai.bundle run evaluating --config_file "['configs/train.yaml','configs/evaluate.yaml']" \\
@@ -39,10 +40,11 @@ import torch
 from scripts.atomic_io import write_atomically
 from scripts.data.datalist import load_split
 from scripts.data.intensity import robust_scale
+from scripts.plates import remove_plates
 from scripts.postprocessing import clean_segmentation, grow_to_lumen
 from scripts.selection_metric import case_score
 
-__all__ = ["GRID", "LUMEN_GRID", "SHAPE_GRID", "VESSEL_GRID", "main", "tune"]
+__all__ = ["GRID", "LUMEN_GRID", "PLATE_GRID", "SHAPE_GRID", "VESSEL_GRID", "main", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ LUMEN_GRID = {"lumen_fraction": [0.3, 0.4, 0.5, 0.6], "lumen_steps": [1, 2, 4, 6
 _LUMEN_OFF = {"lumen_fraction": 0.0, "lumen_steps": 0, "lumen_vessel_steps": None}
 # how many of the growth's layers vessel grows (None: all of them), tried below the best growth's steps
 VESSEL_GRID = {"lumen_vessel_steps": [0, 1, 2, 4, 6]}
+# vessel labels on bone plates (scripts/plates.py) at the configs' two scales; an empty list of scales is off
+PLATE_GRID = {
+    "plate_sigmas_mm": [[2.0, 3.0]],
+    "plate_max_ratio": [0.3, 0.4, 0.5],
+    "plate_min_strength": [0.03],
+    "plate_min_mm3": [100.0, 200.0, 400.0],
+}
+_PLATE_OFF = {
+    "plate_sigmas_mm": [],
+    "plate_max_ratio": 0.5,
+    "plate_min_strength": 0.03,
+    "plate_min_mm3": 200.0,
+}
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -79,31 +94,41 @@ def tune(
     """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, then, given the
     cases' ``images`` (scaled, on the predictions' grid), every ``LUMEN_GRID`` setting on top of the best of
     those with the growth's floor at ``lumen_floor``, then every ``VESSEL_GRID`` cap below the best growth's
-    steps, on ``(pred, label, spacing)`` cases; rows of all stages sorted best first.
+    steps, then every ``PLATE_GRID`` setting, on ``(pred, label, spacing)`` cases; rows of all stages sorted
+    best first.
 
-    Each row: the nine settings (the growth off where not tried, vessel uncapped), ``score`` (mean over cases)
-    and the means of its three parts.
+    Each row: the thirteen settings (the growth and the plate rule off where not tried, vessel uncapped),
+    ``score`` (mean over cases) and the means of its three parts.
     """
-    off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF}
+    off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF, **_PLATE_OFF}
     rows = _score_grid(cases, [{**settings, **off} for settings in _combinations(GRID)])
     best = {k: v for k, v in rows[0].items() if k in GRID}
-    shapes = [{**best, **shape, **_LUMEN_OFF} for shape in _combinations(SHAPE_GRID)]
+    shapes = [{**best, **shape, **_LUMEN_OFF, **_PLATE_OFF} for shape in _combinations(SHAPE_GRID)]
     rows += _score_grid(cases, shapes, start=len(rows))
     if images is not None:
         rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
         best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID}
-        lumens = [{**best, **lumen, "lumen_vessel_steps": None} for lumen in _combinations(LUMEN_GRID)]
+        lumens = [
+            {**best, **lumen, "lumen_vessel_steps": None, **_PLATE_OFF} for lumen in _combinations(LUMEN_GRID)
+        ]
         rows += _score_grid(cases, lumens, start=len(rows), images=images, floor=lumen_floor)
         rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
         best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID or k in LUMEN_GRID}
         caps = [
-            {**best, **cap}
+            {**best, **cap, **_PLATE_OFF}
             for cap in _combinations(VESSEL_GRID)
             if cap["lumen_vessel_steps"] < best["lumen_steps"]
         ]
         rows += _score_grid(cases, caps, start=len(rows), images=images, floor=lumen_floor)
+        rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
+        best = {k: v for k, v in rows[0].items() if k in _GROWN}
+        plates = [{**best, **plate} for plate in _combinations(PLATE_GRID)]
+        rows += _score_grid(cases, plates, start=len(rows), images=images, floor=lumen_floor)
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+
+
+_GROWN = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
 
 
 def _combinations(grid: dict[str, list]) -> list[dict]:
@@ -120,7 +145,8 @@ def _score_grid(
     """Rows of ``settings_list`` scored on ``cases``, best first; ``_order`` (from ``start``) breaks ties."""
     rows = []
     for order, settings in enumerate(settings_list, start=start):
-        clean = {k: v for k, v in settings.items() if k not in _LUMEN_OFF}
+        clean = {k: v for k, v in settings.items() if k not in _LUMEN_OFF and k not in _PLATE_OFF}
+        plate = {k.removeprefix("plate_"): v for k, v in settings.items() if k in _PLATE_OFF}
         parts = []
         for index, (pred, truth, spacing) in enumerate(cases):
             out = clean_segmentation(pred, spacing, **clean)
@@ -129,6 +155,8 @@ def _score_grid(
                 out = grow_to_lumen(
                     out, images[index], fraction, steps, floor, settings["lumen_vessel_steps"]
                 )
+            if plate["sigmas_mm"]:
+                out = remove_plates(out, images[index], spacing, **plate)
             parts.append(case_score(out, truth))
         means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
         rows.append({**settings, **means, "_order": order})
@@ -140,7 +168,7 @@ def _stage_rows(rows: list[dict], fixed: dict, grid: dict[str, list]) -> list[di
     """The rows (best first) that hold ``fixed``, one per distinct setting of ``grid``'s keys."""
     selected, seen = [], set()
     for r in rows:
-        setting = tuple(r[k] for k in grid)
+        setting = repr([r[k] for k in grid])  # lists (the plate scales) included
         if all(r[k] == v for k, v in fixed.items()) and setting not in seen:
             seen.add(setting)
             selected.append(r)
@@ -174,8 +202,8 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     rows = tune(cases, images, lumen_floor)
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
-        f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'vessel steps':>12} {'score':>7} {'vessel':>7} "
-        f"{'aneur.':>7} {'F1':>7}"
+        f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'vessel steps':>12} {'plates':>6} {'ratio':>5} "
+        f"{'mm3':>5} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
     )
 
     def table(selected: list[dict]) -> str:
@@ -185,8 +213,9 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
                 f"{r['min_component_mm3']:18.1f} {r['min_aneurysm_mm3']:17.1f} "
                 f"{r['detached_aneurysm_label']!s:>10} {r['min_component_fraction']:8.2f} "
                 f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} "
-                f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['lumen_vessel_steps']!s:>12} {r['score']:7.4f} "
-                f"{r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
+                f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['lumen_vessel_steps']!s:>12} "
+                f"{'on' if r['plate_sigmas_mm'] else 'off':>6} {r['plate_max_ratio']:5.2f} {r['plate_min_mm3']:5.0f} "
+                f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
                 for r in selected
             ]
         )
@@ -201,21 +230,27 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
         and r["min_aneurysm_height_mm"] == 0
         and r["min_aneurysm_aspect_ratio"] == 0
         and r["lumen_steps"] == 0
+        and not r["plate_sigmas_mm"]
     )
     best = rows[0]
-    # the second to fourth stages, best first; each one's off row is the best of the stages before it
-    shape_rows = _stage_rows(rows, {**{k: best[k] for k in GRID}, "lumen_steps": 0}, SHAPE_GRID)
+    # the second to fifth stages, best first; each one's off row is the best of the stages before it
+    off = {"plate_sigmas_mm": []}
+    shape_rows = _stage_rows(rows, {**{k: best[k] for k in GRID}, "lumen_steps": 0, **off}, SHAPE_GRID)
     lumen_rows = _stage_rows(
-        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID]}, "lumen_vessel_steps": None}, LUMEN_GRID
+        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID]}, "lumen_vessel_steps": None, **off}, LUMEN_GRID
     )
-    cap_rows = _stage_rows(rows, {k: best[k] for k in [*GRID, *SHAPE_GRID, *LUMEN_GRID]}, VESSEL_GRID)
+    cap_rows = _stage_rows(
+        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID, *LUMEN_GRID]}, **off}, VESSEL_GRID
+    )
+    plate_rows = _stage_rows(rows, {k: best[k] for k in _GROWN}, PLATE_GRID)
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
     logger.info("the flat-aneurysm rule on top of the best of the first stage:\n%s", table(shape_rows))
     logger.info("the growth to the lumen's edge on top of the best clean-up:\n%s", table(lumen_rows))
     logger.info("vessel's share of the best growth:\n%s", table(cap_rows))
+    logger.info("vessel labels on bone plates, on top of the best growth:\n%s", table(plate_rows))
     logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
-    keys = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
-    use = " ".join(f"--postprocess_{k} {best[k]}" for k in keys)
+    keys = [*_GROWN, *PLATE_GRID]
+    use = " ".join(f"--postprocess_{k} {str(best[k]).replace(' ', '')}" for k in keys)
     logger.info("use: %s --postprocess_lumen_floor %s", use, lumen_floor)
     write_atomically(
         str(folder / "postprocessing.json"),

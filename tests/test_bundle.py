@@ -641,6 +641,16 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_min_component_fraction",
         "postprocess_min_aneurysm_height_mm",
         "postprocess_min_aneurysm_aspect_ratio",
+        "postprocess_lumen_fraction",
+        "postprocess_lumen_steps",
+        "postprocess_lumen_floor",
+        "postprocess_lumen_vessel_steps",
+        "postprocess_plate_sigmas_mm",
+        "postprocess_plate_max_ratio",
+        "postprocess_plate_min_strength",
+        "postprocess_plate_min_mm3",
+        "grow_to_lumen",
+        "remove_plates",
     ]
     assert [k for k in keys if train[k] != infer[k]] == []
     assert [t["_target_"] for t in train["loading"]] == [t["_target_"] for t in infer["loading"]]
@@ -658,6 +668,9 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         steps = [t if isinstance(t, str) else t["_target_"] for t in transforms]
         assert steps.index("@suppress_dark_foreground") < steps.index("@clean_segmentation"), name
         assert steps[steps.index("@suppress_dark_foreground") - 1] == "Activationsd", name
+        # the labels grow to the lumen's edge, then lose what lies on bone plates
+        assert steps.index("@clean_segmentation") < steps.index("@grow_to_lumen"), name
+        assert steps[steps.index("@grow_to_lumen") + 1] == "@remove_plates", name
     assert infer["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert train["validate"]["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert "@clean_segmentation" in infer["postprocessing"]["transforms"]

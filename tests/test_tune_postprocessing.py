@@ -8,10 +8,10 @@ import math
 
 import nibabel as nib
 import numpy as np
-from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
+from conftest import blurred_lumen_scene, bone_scene, flat_aneurysm_scene, postprocessing_scene
 from scipy import ndimage
 
-from scripts.tune_postprocessing import GRID, LUMEN_GRID, SHAPE_GRID, VESSEL_GRID, main, tune
+from scripts.tune_postprocessing import GRID, LUMEN_GRID, PLATE_GRID, SHAPE_GRID, VESSEL_GRID, main, tune
 
 
 def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
@@ -90,6 +90,19 @@ def test_tuning_caps_the_vessel_growth_when_only_the_sac_s_rim_is_lumen():
     assert rows[0]["lumen_steps"] > 0 and rows[0]["lumen_vessel_steps"] is None
 
 
+def test_tuning_removes_vessel_labels_on_a_plate_only_where_the_truth_has_no_vessel():
+    image, label, _, slab, _ = bone_scene()
+    truth = np.where(slab & (label == 1), 0, label)  # the plate was bone: labelled vessel by mistake
+    spacing = (0.5, 0.5, 0.5)
+    rows = tune([(label, truth, spacing)], [image])
+    best = rows[0]
+    assert best["plate_sigmas_mm"] == [2.0, 3.0] and best["plate_max_ratio"] in PLATE_GRID["plate_max_ratio"]
+    off = next(r for r in rows if not r["plate_sigmas_mm"] and r["lumen_steps"] == best["lumen_steps"])
+    assert best["vessel_dice"] > off["vessel_dice"] + 0.1
+    # where the plate is vessel after all (a truth that keeps it), the rule stays off
+    assert not tune([(label, label, spacing)], [image])[0]["plate_sigmas_mm"]
+
+
 def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tmp_path, caplog):
     """``main`` on saved predictions: ``postprocessing.json`` holds the best setting, no post-processing and
     every row scored (both stages), and the log shows the flat-aneurysm rule's rows on top of the best."""
@@ -109,7 +122,8 @@ def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tm
     written = json.loads((tmp_path / "predictions" / "postprocessing.json").read_text())
     shape_size = math.prod(len(values) for values in SHAPE_GRID.values())
     lumen_size = math.prod(len(values) for values in LUMEN_GRID.values())
-    grid_size = math.prod(len(values) for values in GRID.values()) + shape_size + lumen_size
+    plate_size = math.prod(len(values) for values in PLATE_GRID.values())
+    grid_size = math.prod(len(values) for values in GRID.values()) + shape_size + lumen_size + plate_size
     assert written["best"] == best == written["rows"][0] and len(written["rows"]) == grid_size
     assert (
         written["none"]["score"] < best["score"] and written["cases"] == 1 and written["lumen_floor"] == 0.2

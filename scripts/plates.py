@@ -1,0 +1,208 @@
+"""Vessel labels on bone plates set to background, where the image is a sheet rather than a tube.
+
+In 3DRA the skull base, the clinoid processes and the petrous bone show as bright plates a few mm thick
+that the network labels vessel in part (docs/recipe.md, 0.9.10). The shape tells them apart where the
+intensity does not: across a vessel the image falls off in two directions, across a plate in one. At a
+scale near a plate's half thickness, the Hessian of the image has
+eigenvalues ``l1 <= l2 <= l3``; inside a bright structure ``l1`` is strongly negative, and
+
+* a tube (vessel) has ``l2`` about as negative as ``l1``;
+* a sheet (plate) has ``l2`` near 0, so ``|l2| / |l1|`` is small (Frangi et al., MICCAI 1998, the plate
+  measure of their vesselness).
+
+Vessel-labelled voxels where ``|l2| / |l1| < max_ratio`` and ``-l1 >= min_strength`` (scale-normalised,
+in units of the lumen level) at every scale of ``sigmas_mm`` are sheet-like; connected regions of them
+(26-connected) of at least ``min_mm3`` become background. The larger scale and the size bound keep the
+wall of a wide artery labelled, which at the small scale alone is a sheet. Aneurysm labels are never
+changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from scripts.labels import BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.postprocessing import spacing_of
+
+__all__ = ["RemovePlatesd", "remove_plates", "sheet_voxels"]
+
+logger = logging.getLogger(__name__)
+
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def sheet_voxels(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    mask: np.ndarray,
+    sigma_mm: float,
+    max_ratio: float,
+    min_strength: float,
+) -> np.ndarray:
+    """The voxels of ``mask`` where the image is a bright sheet at scale ``sigma_mm``.
+
+    Args:
+        image: (D, H, W) intensities, lumen level 1.
+        spacing: (3,) voxel spacing in mm.
+        mask: (D, H, W) bool, the voxels to classify (the Hessian's eigenvalues are computed there only).
+        sigma_mm: the Gaussian scale of the Hessian, in mm (> 0).
+        max_ratio: the largest ``|l2| / |l1|`` of a sheet.
+        min_strength: the least ``-l1`` (scale-normalised) of a sheet.
+
+    Returns:
+        (D, H, W) bool, a subset of ``mask``.
+    """
+    sigma = float(sigma_mm) / np.asarray(spacing, dtype=np.float64)
+    image = np.asarray(image, dtype=np.float32)
+    hessian = np.empty((int(mask.sum()), 3, 3), dtype=np.float32)
+    for i in range(3):
+        for j in range(i, 3):
+            order = [0, 0, 0]
+            order[i] += 1
+            order[j] += 1
+            # scale-normalised: the derivative in voxels times sigma in voxels, per axis
+            derivative = ndimage.gaussian_filter(image, sigma, order=order)[mask] * (sigma[i] * sigma[j])
+            hessian[:, i, j] = hessian[:, j, i] = derivative
+    eigenvalues = np.linalg.eigvalsh(hessian)  # ascending: l1 the most negative
+    l1, l2 = eigenvalues[:, 0], eigenvalues[:, 1]
+    sheet = (l1 <= -min_strength) & (np.abs(np.minimum(l2, 0.0)) < max_ratio * np.maximum(-l1, 1e-6))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[mask] = sheet
+    return out
+
+
+def remove_plates(
+    label: np.ndarray,
+    image: np.ndarray,
+    spacing: Sequence[float],
+    sigmas_mm: Sequence[float],
+    max_ratio: float,
+    min_strength: float,
+    min_mm3: float,
+) -> np.ndarray:
+    """Set to background the vessel labels on sheet-like regions of at least ``min_mm3``.
+
+    A voxel is sheet-like when it is at every scale of ``sigmas_mm``: at a scale near a plate's half
+    thickness alone, the wall of a wide artery (5 mm across) is a sheet as well; at a scale near its radius
+    the artery is a tube, while a plate, far wider than it is thick, stays a sheet.
+
+    Args:
+        label: (D, H, W) integer labels 0/1/2.
+        image: (D, H, W) intensities on the same grid, scaled as the preprocessing scales them (background
+            median 0, lumen level 1).
+        spacing: (3,) voxel spacing in mm.
+        sigmas_mm: the Hessian's scales in mm, each > 0; empty turns the rule off.
+        max_ratio: the largest ``|l2| / |l1|`` of a sheet, in (0, 1].
+        min_strength: the least scale-normalised ``-l1`` of a sheet, >= 0.
+        min_mm3: the least volume of a sheet-like region that is removed, >= 0.
+
+    Returns:
+        (D, H, W) labels, same dtype; the input is not modified.
+    """
+    label, image = np.asarray(label), np.asarray(image, dtype=np.float32)
+    if label.ndim != 3 or image.shape != label.shape:
+        raise ValueError(
+            f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
+        )
+    check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
+    out = label.copy()
+    sheet = out == VESSEL_LABEL
+    for sigma in sigmas_mm:
+        if not sheet.any():
+            break
+        sheet = sheet_voxels(image, spacing, sheet, sigma, max_ratio, min_strength)
+    if not sigmas_mm or not sheet.any():
+        return out
+    regions, count = ndimage.label(sheet, _CONNECTIVITY)
+    volumes = np.bincount(regions.ravel(), minlength=count + 1)[1:] * float(np.prod(spacing))
+    plates = np.isin(regions, 1 + np.flatnonzero(volumes >= min_mm3))
+    out[plates] = BACKGROUND_LABEL
+    if plates.any():
+        logger.info("plates: %d vessel voxels on sheet-like regions set to background", int(plates.sum()))
+    return out
+
+
+def check_plate_settings(sigmas_mm: Any, max_ratio: Any, min_strength: Any, min_mm3: Any) -> None:
+    """Raise ValueError naming the plate setting that is out of range or not a number."""
+
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int | float) and bool(np.isfinite(value))
+
+    if isinstance(sigmas_mm, str | bytes) or not isinstance(sigmas_mm, Sequence):
+        raise ValueError(f"plate sigmas_mm must be a list of numbers > 0 (mm), got {sigmas_mm!r}.")
+    if not all(number(sigma) and sigma > 0 for sigma in sigmas_mm):
+        raise ValueError(f"plate sigmas_mm must be a list of numbers > 0 (mm), got {sigmas_mm!r}.")
+    bounds = {
+        "max_ratio": (max_ratio, "a number in (0, 1]", lambda v: 0 < v <= 1),
+        "min_strength": (min_strength, "a number >= 0", lambda v: v >= 0),
+        "min_mm3": (min_mm3, "a number >= 0", lambda v: v >= 0),
+    }
+    for name, (value, expected, ok) in bounds.items():
+        if not number(value) or not ok(value):
+            raise ValueError(f"plate {name} must be {expected}, got {value!r}.")
+
+
+class RemovePlatesd(MapTransform):
+    """Dictionary wrapper of :func:`remove_plates` for (1, D, H, W) labels and the image on their grid.
+
+    Runs after :class:`~scripts.postprocessing.GrowToLumend`, on the same labels and image; the spacing
+    comes from the labels' affine.
+
+    Args:
+        keys: label keys, each (1, D, H, W) integer labels.
+        image_key: the (1, D, H, W) scaled image on the labels' grid. Default ``"image"``.
+        sigmas_mm, max_ratio, min_strength, min_mm3: see :func:`remove_plates`. Default ``sigmas_mm`` empty
+            (off).
+        allow_missing_keys: as in MONAI.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        sigmas_mm: Sequence[float] = (),
+        max_ratio: float = 0.5,
+        min_strength: float = 0.03,
+        min_mm3: float = 200.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
+        self.image_key = image_key
+        self.settings = {
+            "sigmas_mm": tuple(float(sigma) for sigma in sigmas_mm),
+            "max_ratio": float(max_ratio),
+            "min_strength": float(min_strength),
+            "min_mm3": float(min_mm3),
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.settings["sigmas_mm"]:
+            return d
+        image = d[self.image_key]
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.ndim != 4 or pred.shape[0] != 1 or tuple(image.shape) != tuple(pred.shape):
+                raise ValueError(
+                    f"{key}: expected (1, D, H, W) labels on the grid of {self.image_key} "
+                    f"{tuple(image.shape)}, got shape {tuple(pred.shape)}."
+                )
+            cleaned = remove_plates(
+                pred[0].detach().cpu().numpy(),
+                image[0].detach().float().cpu().numpy(),
+                spacing_of(pred),
+                **self.settings,
+            )
+            pred = pred.clone()
+            pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
+            d[key] = pred
+        return d
