@@ -24,13 +24,12 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
 from scripts.labels import BACKGROUND_LABEL, VESSEL_LABEL
-from scripts.postprocessing import spacing_of
+from scripts.postprocessing import as_label_and_image, labels_and_image_of, spacing_of, with_labels
 
 __all__ = ["RemovePlatesd", "remove_plates", "sheet_voxels"]
 
@@ -107,11 +106,7 @@ def remove_plates(
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
     """
-    label, image = np.asarray(label), np.asarray(image, dtype=np.float32)
-    if label.ndim != 3 or image.shape != label.shape:
-        raise ValueError(
-            f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
-        )
+    label, image = as_label_and_image(label, image)
     check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
     out = label.copy()
     sheet = out == VESSEL_LABEL
@@ -188,21 +183,7 @@ class RemovePlatesd(MapTransform):
         d = dict(data)
         if not self.settings["sigmas_mm"]:
             return d
-        image = d[self.image_key]
         for key in self.key_iterator(d):
-            pred = d[key]
-            if pred.ndim != 4 or pred.shape[0] != 1 or tuple(image.shape) != tuple(pred.shape):
-                raise ValueError(
-                    f"{key}: expected (1, D, H, W) labels on the grid of {self.image_key} "
-                    f"{tuple(image.shape)}, got shape {tuple(pred.shape)}."
-                )
-            cleaned = remove_plates(
-                pred[0].detach().cpu().numpy(),
-                image[0].detach().float().cpu().numpy(),
-                spacing_of(pred),
-                **self.settings,
-            )
-            pred = pred.clone()
-            pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
-            d[key] = pred
+            labels, image = labels_and_image_of(d, key, self.image_key)
+            d[key] = with_labels(d[key], remove_plates(labels, image, spacing_of(d[key]), **self.settings))
         return d

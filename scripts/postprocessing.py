@@ -54,8 +54,11 @@ __all__ = [
     "SuppressDarkForegroundd",
     "clean_segmentation",
     "dark_voxels",
+    "as_label_and_image",
     "grow_to_lumen",
+    "labels_and_image_of",
     "spacing_of",
+    "with_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +187,37 @@ def spacing_of(image: Any) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
 
+def as_label_and_image(label: Any, image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``label`` and ``image`` (float32) as arrays, checked to be (D, H, W) of one shape."""
+    label, image = np.asarray(label), np.asarray(image, dtype=np.float32)
+    if label.ndim != 3 or image.shape != label.shape:
+        raise ValueError(
+            f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
+        )
+    return label, image
+
+
+def labels_and_image_of(
+    d: Mapping[Hashable, Any], key: Hashable, image_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (D, H, W) labels of ``d[key]`` and image of ``d[image_key]`` as arrays, checked to share one
+    (1, D, H, W) grid."""
+    pred, image = d[key], d[image_key]
+    if pred.ndim != 4 or pred.shape[0] != 1 or tuple(image.shape) != tuple(pred.shape):
+        raise ValueError(
+            f"{key}: expected (1, D, H, W) labels on the grid of {image_key} "
+            f"{tuple(image.shape)}, got shape {tuple(pred.shape)}."
+        )
+    return pred[0].detach().cpu().numpy(), image[0].detach().float().cpu().numpy()
+
+
+def with_labels(pred: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """A copy of the (1, D, H, W) ``pred`` (a MetaTensor keeps its metadata) holding ``labels``."""
+    pred = pred.clone()
+    pred[0] = torch.as_tensor(labels, dtype=pred.dtype, device=pred.device)
+    return pred
+
+
 class CleanSegmentationd(MapTransform):
     """Dictionary wrapper of :func:`clean_segmentation` for (1, D, H, W) label MetaTensors.
 
@@ -233,10 +267,7 @@ class CleanSegmentationd(MapTransform):
             if pred.ndim != 4 or pred.shape[0] != 1:
                 raise ValueError(f"{key}: expected (1, D, H, W) labels, got shape {tuple(pred.shape)}.")
             array = pred[0].detach().cpu().numpy()
-            cleaned = clean_segmentation(array, spacing_of(pred), **self.settings)
-            pred = pred.clone()
-            pred[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)
-            d[key] = pred
+            d[key] = with_labels(pred, clean_segmentation(array, spacing_of(pred), **self.settings))
         return d
 
 
@@ -341,11 +372,7 @@ def grow_to_lumen(
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
     """
-    label, image = np.asarray(label), np.asarray(image, dtype=np.float32)
-    if label.ndim != 3 or image.shape != label.shape:
-        raise ValueError(
-            f"label and image must be (D, H, W) of one shape, got {label.shape} and {image.shape}."
-        )
+    label, image = as_label_and_image(label, image)
     _check_growth(fraction, steps, floor, vessel_steps)
     vessel_steps = steps if vessel_steps is None else vessel_steps
     out = label.copy()
@@ -416,24 +443,8 @@ class GrowToLumend(MapTransform):
         d = dict(data)
         if self.fraction <= 0 or self.steps == 0:
             return d
-        image = d[self.image_key]
         for key in self.key_iterator(d):
-            pred = d[key]
-            if pred.ndim != 4 or pred.shape[0] != 1 or tuple(image.shape) != tuple(pred.shape):
-                raise ValueError(
-                    f"{key}: expected (1, D, H, W) labels on the grid of {self.image_key} "
-                    f"{tuple(image.shape)}, got shape {tuple(pred.shape)}."
-                )
-            array = image[0].detach().float().cpu().numpy()
-            grown = grow_to_lumen(
-                pred[0].detach().cpu().numpy(),
-                array,
-                self.fraction,
-                self.steps,
-                self.floor,
-                self.vessel_steps,
-            )
-            pred = pred.clone()
-            pred[0] = torch.as_tensor(grown, dtype=pred.dtype, device=pred.device)
-            d[key] = pred
+            labels, image = labels_and_image_of(d, key, self.image_key)
+            grown = grow_to_lumen(labels, image, self.fraction, self.steps, self.floor, self.vessel_steps)
+            d[key] = with_labels(d[key], grown)
         return d
