@@ -3,8 +3,8 @@
 In 3DRA the skull base, the clinoid processes and the petrous bone show as bright plates a few mm thick
 that the network labels vessel in part (docs/recipe.md, 0.9.10). The shape tells them apart where the
 intensity does not: across a vessel the image falls off in two directions, across a plate in one. At a
-scale near a plate's half thickness, the Hessian of the image has
-eigenvalues ``l1 <= l2 <= l3``; inside a bright structure ``l1`` is strongly negative, and
+scale near a plate's half thickness, the Hessian of the image has eigenvalues ``l1 <= l2 <= l3``; inside a
+bright structure ``l1`` is strongly negative, and
 
 * a tube (vessel) has ``l2`` about as negative as ``l1``;
 * a sheet (plate) has ``l2`` near 0, so ``|l2| / |l1|`` is small (Frangi et al., MICCAI 1998, the plate
