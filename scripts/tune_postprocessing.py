@@ -76,6 +76,8 @@ _PLATE_OFF = {
     "plate_min_strength": 0.03,
     "plate_min_mm3": 200.0,
 }
+# the settings of the stages before the plate rule's
+_GROWN = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -126,9 +128,6 @@ def tune(
         rows += _score_grid(cases, plates, start=len(rows), images=images, floor=lumen_floor)
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
-
-
-_GROWN = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
 
 
 def _combinations(grid: dict[str, list]) -> list[dict]:
