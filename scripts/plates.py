@@ -31,34 +31,29 @@ from scipy import ndimage
 from scripts.labels import BACKGROUND_LABEL, VESSEL_LABEL
 from scripts.postprocessing import as_label_and_image, labels_and_image_of, spacing_of, with_labels
 
-__all__ = ["RemovePlatesd", "remove_plates", "sheet_voxels"]
+__all__ = ["PlateMeasure", "RemovePlatesd", "hessian_eigenvalues", "remove_plates"]
 
 logger = logging.getLogger(__name__)
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
-def sheet_voxels(
-    image: np.ndarray,
-    spacing: Sequence[float],
-    mask: np.ndarray,
-    sigma_mm: float,
-    max_ratio: float,
-    min_strength: float,
+def hessian_eigenvalues(
+    image: np.ndarray, spacing: Sequence[float], mask: np.ndarray, sigma_mm: float
 ) -> np.ndarray:
-    """The voxels of ``mask`` where the image is a bright sheet at scale ``sigma_mm``.
+    """The scale-normalised Hessian eigenvalues of the image at the voxels of ``mask``.
 
     Args:
         image: (D, H, W) intensities, lumen level 1.
         spacing: (3,) voxel spacing in mm.
-        mask: (D, H, W) bool, the voxels to classify (the Hessian's eigenvalues are computed there only).
+        mask: (D, H, W) bool, the voxels where the eigenvalues are wanted.
         sigma_mm: the Gaussian scale of the Hessian, in mm (> 0).
-        max_ratio: the largest ``|l2| / |l1|`` of a sheet.
-        min_strength: the least ``-l1`` (scale-normalised) of a sheet.
 
     Returns:
-        (D, H, W) bool, a subset of ``mask``.
+        (N, 3) float32, ascending per voxel (``l1`` the most negative), N the voxels of ``mask`` in C order.
     """
+    if not mask.any():
+        return np.empty((0, 3), dtype=np.float32)
     sigma = float(sigma_mm) / np.asarray(spacing, dtype=np.float64)
     image = np.asarray(image, dtype=np.float32)
     hessian = np.empty((int(mask.sum()), 3, 3), dtype=np.float32)
@@ -70,12 +65,54 @@ def sheet_voxels(
             # scale-normalised: the derivative in voxels times sigma in voxels, per axis
             derivative = ndimage.gaussian_filter(image, sigma, order=order)[mask] * (sigma[i] * sigma[j])
             hessian[:, i, j] = hessian[:, j, i] = derivative
-    eigenvalues = np.linalg.eigvalsh(hessian)  # ascending: l1 the most negative
+    return np.linalg.eigvalsh(hessian)
+
+
+def _is_sheet(eigenvalues: np.ndarray, max_ratio: float, min_strength: float) -> np.ndarray:
+    """(N, 3) ascending eigenvalues -> (N,) bool: a bright sheet (strong ``l1``, ``|l2|`` small beside it)."""
     l1, l2 = eigenvalues[:, 0], eigenvalues[:, 1]
-    sheet = (l1 <= -min_strength) & (np.abs(np.minimum(l2, 0.0)) < max_ratio * np.maximum(-l1, 1e-6))
-    out = np.zeros(mask.shape, dtype=bool)
-    out[mask] = sheet
-    return out
+    return (l1 <= -min_strength) & (np.abs(np.minimum(l2, 0.0)) < max_ratio * np.maximum(-l1, 1e-6))
+
+
+class PlateMeasure:
+    """The Hessian eigenvalues of a label volume's vessel voxels at every scale, computed once.
+
+    What :func:`remove_plates` computes before it thresholds: :meth:`remove` then applies any threshold and
+    volume bound without computing the Hessian again, as ``scripts.tune_postprocessing`` does for each
+    setting of its grid.
+
+    Args:
+        label: (D, H, W) integer labels 0/1/2.
+        image: (D, H, W) intensities on the same grid, lumen level 1.
+        spacing: (3,) voxel spacing in mm.
+        sigmas_mm: the Hessian's scales in mm, each > 0.
+    """
+
+    def __init__(
+        self, label: np.ndarray, image: np.ndarray, spacing: Sequence[float], sigmas_mm: Sequence[float]
+    ) -> None:
+        self.label, image = as_label_and_image(label, image)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.vessel = self.label == VESSEL_LABEL
+        self.eigenvalues = [hessian_eigenvalues(image, self.spacing, self.vessel, s) for s in sigmas_mm]
+
+    def remove(self, max_ratio: float, min_strength: float, min_mm3: float) -> np.ndarray:
+        """The labels with the vessel voxels of sheet-like regions of at least ``min_mm3`` set to background
+        (see :func:`remove_plates`); a new array."""
+        out = self.label.copy()
+        if not self.eigenvalues or not self.vessel.any():
+            return out
+        sheet = np.zeros(self.vessel.shape, dtype=bool)
+        sheet[self.vessel] = np.logical_and.reduce(
+            [_is_sheet(eigenvalues, max_ratio, min_strength) for eigenvalues in self.eigenvalues]
+        )
+        regions, count = ndimage.label(sheet, _CONNECTIVITY)
+        volumes = np.bincount(regions.ravel(), minlength=count + 1)[1:] * float(np.prod(self.spacing))
+        plates = np.isin(regions, 1 + np.flatnonzero(volumes >= min_mm3))
+        out[plates] = BACKGROUND_LABEL
+        if plates.any():
+            logger.info("plates: %d vessel voxels on sheet-like regions set to background", int(plates.sum()))
+        return out
 
 
 def remove_plates(
@@ -106,23 +143,8 @@ def remove_plates(
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
     """
-    label, image = as_label_and_image(label, image)
     check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
-    out = label.copy()
-    sheet = out == VESSEL_LABEL
-    for sigma in sigmas_mm:
-        if not sheet.any():
-            break
-        sheet = sheet_voxels(image, spacing, sheet, sigma, max_ratio, min_strength)
-    if not sigmas_mm or not sheet.any():
-        return out
-    regions, count = ndimage.label(sheet, _CONNECTIVITY)
-    volumes = np.bincount(regions.ravel(), minlength=count + 1)[1:] * float(np.prod(spacing))
-    plates = np.isin(regions, 1 + np.flatnonzero(volumes >= min_mm3))
-    out[plates] = BACKGROUND_LABEL
-    if plates.any():
-        logger.info("plates: %d vessel voxels on sheet-like regions set to background", int(plates.sum()))
-    return out
+    return PlateMeasure(label, image, spacing, sigmas_mm).remove(max_ratio, min_strength, min_mm3)
 
 
 def check_plate_settings(sigmas_mm: Any, max_ratio: Any, min_strength: Any, min_mm3: Any) -> None:

@@ -40,7 +40,7 @@ import torch
 from scripts.atomic_io import write_atomically
 from scripts.data.datalist import load_split
 from scripts.data.intensity import robust_scale
-from scripts.plates import remove_plates
+from scripts.plates import PlateMeasure
 from scripts.postprocessing import clean_segmentation, grow_to_lumen
 from scripts.selection_metric import case_score
 
@@ -142,22 +142,38 @@ def _score_grid(
     floor: float = 0.0,
 ) -> list[dict]:
     """Rows of ``settings_list`` scored on ``cases``, best first; ``_order`` (from ``start``) breaks ties."""
-    rows = []
-    for order, settings in enumerate(settings_list, start=start):
-        clean = {k: v for k, v in settings.items() if k not in _LUMEN_OFF and k not in _PLATE_OFF}
-        plate = {k.removeprefix("plate_"): v for k, v in settings.items() if k in _PLATE_OFF}
-        parts = []
-        for index, (pred, truth, spacing) in enumerate(cases):
-            out = clean_segmentation(pred, spacing, **clean)
-            if settings["lumen_steps"]:
-                fraction, steps = settings["lumen_fraction"], settings["lumen_steps"]
-                out = grow_to_lumen(
-                    out, images[index], fraction, steps, floor, settings["lumen_vessel_steps"]
+    parts: list[list[dict]] = [[] for _ in settings_list]
+    for index, (pred, truth, spacing) in enumerate(cases):
+        # settings that differ only in the plate rule's thresholds (the fifth stage) share their labels
+        # before it and its Hessian, computed once per case
+        grown_for, grown, measures = None, None, {}
+        for settings, scores in zip(settings_list, parts, strict=True):
+            clean = {k: v for k, v in settings.items() if k not in _LUMEN_OFF and k not in _PLATE_OFF}
+            lumen = {k: settings[k] for k in _LUMEN_OFF}
+            if (clean, lumen) != grown_for:
+                grown_for, measures = (clean, lumen), {}
+                grown = clean_segmentation(pred, spacing, **clean)
+                if lumen["lumen_steps"]:
+                    grown = grow_to_lumen(
+                        grown,
+                        images[index],
+                        lumen["lumen_fraction"],
+                        lumen["lumen_steps"],
+                        floor,
+                        lumen["lumen_vessel_steps"],
+                    )
+            out = grown
+            sigmas = tuple(settings["plate_sigmas_mm"])
+            if sigmas:
+                if sigmas not in measures:
+                    measures[sigmas] = PlateMeasure(grown, images[index], spacing, sigmas)
+                out = measures[sigmas].remove(
+                    settings["plate_max_ratio"], settings["plate_min_strength"], settings["plate_min_mm3"]
                 )
-            if plate["sigmas_mm"]:
-                out = remove_plates(out, images[index], spacing, **plate)
-            parts.append(case_score(out, truth))
-        means = {k: float(np.mean([c[k] for c in parts])) for k in parts[0]}
+            scores.append(case_score(out, truth))
+    rows = []
+    for order, (settings, scores) in enumerate(zip(settings_list, parts, strict=True), start=start):
+        means = {k: float(np.mean([c[k] for c in scores])) for k in scores[0]}
         rows.append({**settings, **means, "_order": order})
     rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
     return rows

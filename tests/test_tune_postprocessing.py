@@ -8,9 +8,14 @@ import math
 
 import nibabel as nib
 import numpy as np
+import pytest
 from conftest import blurred_lumen_scene, bone_scene, flat_aneurysm_scene, postprocessing_scene
 from scipy import ndimage
 
+from scripts import plates
+from scripts.plates import hessian_eigenvalues, remove_plates
+from scripts.postprocessing import clean_segmentation, grow_to_lumen
+from scripts.selection_metric import case_score
 from scripts.tune_postprocessing import GRID, LUMEN_GRID, PLATE_GRID, SHAPE_GRID, VESSEL_GRID, main, tune
 
 
@@ -101,6 +106,35 @@ def test_tuning_removes_vessel_labels_on_a_plate_only_where_the_truth_has_no_ves
     assert best["vessel_dice"] > off["vessel_dice"] + 0.1
     # where the plate is vessel after all (a truth that keeps it), the rule stays off
     assert not tune([(label, label, spacing)], [image])[0]["plate_sigmas_mm"]
+
+
+def test_each_plate_setting_scores_what_the_rule_gives_with_one_hessian_per_case_and_scale(monkeypatch):
+    image, label, _, slab, _ = bone_scene()
+    truth = np.where(slab & (label == 1), 0, label)
+    spacing = (0.5, 0.5, 0.5)
+    calls = []
+    monkeypatch.setattr(
+        plates, "hessian_eigenvalues", lambda *args: calls.append(args[3]) or hessian_eigenvalues(*args)
+    )
+    rows = tune([(label, truth, spacing), (label, label, spacing)], [image, image])
+    plate_rows = [r for r in rows if r["plate_sigmas_mm"]]
+    assert len(plate_rows) == math.prod(len(values) for values in PLATE_GRID.values())
+    assert sorted(calls) == [2.0, 2.0, 3.0, 3.0]  # two cases, two scales, nine settings
+    best = rows[0]
+    grown = grow_to_lumen(
+        clean_segmentation(label, spacing, **{k: best[k] for k in [*GRID, *SHAPE_GRID]}),
+        image,
+        best["lumen_fraction"],
+        best["lumen_steps"],
+        0.2,
+        best["lumen_vessel_steps"],
+    )
+    for row in plate_rows:
+        settings = {k.removeprefix("plate_"): row[k] for k in PLATE_GRID}
+        expected = [
+            case_score(remove_plates(grown, image, spacing, **settings), t)["score"] for t in (truth, label)
+        ]
+        assert row["score"] == pytest.approx(np.mean(expected))
 
 
 def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tmp_path, caplog):
