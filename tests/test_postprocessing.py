@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
+from conftest import CONFIGS, blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
 
@@ -265,3 +266,47 @@ def test_dictionary_transform_grows_on_the_named_image_and_checks_its_grid():
     data["lumen_image"] = data["lumen_image"][:, :-1]
     with pytest.raises(ValueError, match="pred: expected .* on the grid of lumen_image"):
         GrowToLumend("pred", image_key="lumen_image", fraction=0.4, steps=6)(data)
+
+
+def shipped_clean_up() -> dict:
+    """The clean-up settings configs/inference.yaml ships (train.yaml and evaluate.yaml take them from it)."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    keys = (
+        "min_component_mm3",
+        "min_aneurysm_mm3",
+        "detached_aneurysm_label",
+        "min_component_fraction",
+        "min_aneurysm_height_mm",
+        "min_aneurysm_aspect_ratio",
+    )
+    return {key: parser.get_parsed_content(f"postprocess_{key}") for key in keys}
+
+
+def speckle(shape=(80, 80, 80), count=60, seed=0) -> np.ndarray:
+    """Labels a model gave a textured background without vessels (docs/recipe.md, 0.9.11): scattered
+    specks of vessel and aneurysm, each a box of 1 to 4 voxels a side (0.5 mm voxels: up to 8 mm^3)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.int64)
+    for _ in range(count):
+        size = rng.integers(1, 5, 3)
+        corner = rng.integers(0, np.array(shape) - size)
+        label[tuple(slice(c, c + s) for c, s in zip(corner, size, strict=True))] = rng.integers(1, 3)
+    return label
+
+
+def test_the_shipped_clean_up_leaves_nothing_of_speckle_in_a_volume_without_vessels():
+    # the fraction rule alone keeps the largest speck and those near its size: no vessel tree sets the scale
+    label, settings = speckle(), shipped_clean_up()
+    assert ndimage.label(label > 0)[1] > 40
+    assert not clean_segmentation(label, (0.5, 0.5, 0.5), **settings).any()
+    assert clean_segmentation(label, (0.5, 0.5, 0.5), **{**settings, "min_component_mm3": 0.0}).any()
+
+
+def test_the_shipped_clean_up_keeps_a_thin_artery_alone_in_its_volume():
+    # 1 mm across and 40 mm long (31 mm^3), the only structure of a small field of view
+    label = np.zeros((100, 20, 20), np.int64)
+    zz, yy, xx = np.mgrid[:100, :20, :20]
+    label[(yy - 10) ** 2 + (xx - 10) ** 2 <= 1] = 1
+    assert 25 < label.sum() * 0.4**3 < 40
+    np.testing.assert_array_equal(clean_segmentation(label, (0.4, 0.4, 0.4), **shipped_clean_up()), label)
