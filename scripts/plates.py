@@ -13,8 +13,10 @@ bright structure ``l1`` is strongly negative, and
 Vessel-labelled voxels where ``|l2| / |l1| < max_ratio`` and ``-l1 >= min_strength`` (scale-normalised,
 in units of the lumen level) at every scale of ``sigmas_mm`` are sheet-like; connected regions of them
 (26-connected) of at least ``min_mm3`` become background. The larger scale and the size bound keep the
-wall of a wide artery labelled, which at the small scale alone is a sheet. Aneurysm labels are never
-changed.
+wall of a wide artery labelled, which at the small scale alone is a sheet. An aneurysm component whose
+border touches those removed regions at least ``aneurysm_ratio`` times as much as it touches vessel labels
+is a bright bump on the bone, not a sac on an artery, and becomes background as well (0.9.11); other
+aneurysm labels are never changed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.labels import BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
 from scripts.postprocessing import as_label_and_image, labels_and_image_of, spacing_of, with_labels
 
 __all__ = ["PlateMeasure", "RemovePlatesd", "hessian_eigenvalues", "remove_plates"]
@@ -96,9 +98,12 @@ class PlateMeasure:
         self.vessel = self.label == VESSEL_LABEL
         self.eigenvalues = [hessian_eigenvalues(image, self.spacing, self.vessel, s) for s in sigmas_mm]
 
-    def remove(self, max_ratio: float, min_strength: float, min_mm3: float) -> np.ndarray:
-        """The labels with the vessel voxels of sheet-like regions of at least ``min_mm3`` set to background
-        (see :func:`remove_plates`); a new array."""
+    def remove(
+        self, max_ratio: float, min_strength: float, min_mm3: float, aneurysm_ratio: float = 0.0
+    ) -> np.ndarray:
+        """The labels with the vessel voxels of sheet-like regions of at least ``min_mm3`` set to background,
+        and the aneurysm components on them with ``aneurysm_ratio`` (see :func:`remove_plates`); a new
+        array."""
         out = self.label.copy()
         if not self.eigenvalues or not self.vessel.any():
             return out
@@ -112,7 +117,31 @@ class PlateMeasure:
         out[plates] = BACKGROUND_LABEL
         if plates.any():
             logger.info("plates: %d vessel voxels on sheet-like regions set to background", int(plates.sum()))
+            if aneurysm_ratio > 0:
+                _remove_aneurysms_on(plates, out, aneurysm_ratio)
         return out
+
+
+def _remove_aneurysms_on(plates: np.ndarray, out: np.ndarray, ratio: float) -> None:
+    """Set to background, in ``out``, the aneurysm components whose border touches at least ``ratio`` times as
+    many voxels of ``plates`` (the vessel labels just removed) as of vessel labels."""
+    components, count = ndimage.label(out == ANEURYSM_LABEL, _CONNECTIVITY)
+    on_plates = []
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        component = components[box] == index
+        border = ndimage.binary_dilation(component, _CONNECTIVITY) & ~component
+        plate, vessel = int(plates[box][border].sum()), int((out[box][border] == VESSEL_LABEL).sum())
+        if plate > 0 and plate >= ratio * vessel:
+            on_plates.append(index)
+    if on_plates:
+        gone = np.isin(components, on_plates)
+        out[gone] = BACKGROUND_LABEL
+        logger.info(
+            "plates: %d aneurysm component(s), %d voxels, on the plates set to background",
+            len(on_plates),
+            int(gone.sum()),
+        )
 
 
 def remove_plates(
@@ -123,8 +152,10 @@ def remove_plates(
     max_ratio: float,
     min_strength: float,
     min_mm3: float,
+    aneurysm_ratio: float = 0.0,
 ) -> np.ndarray:
-    """Set to background the vessel labels on sheet-like regions of at least ``min_mm3``.
+    """Set to background the vessel labels on sheet-like regions of at least ``min_mm3``, and the aneurysm
+    components that sit on those regions more than on a vessel.
 
     A voxel is sheet-like when it is at every scale of ``sigmas_mm``: at a scale near a plate's half
     thickness alone, the wall of a wide artery (5 mm across) is a sheet as well; at a scale near its radius
@@ -139,15 +170,21 @@ def remove_plates(
         max_ratio: the largest ``|l2| / |l1|`` of a sheet, in (0, 1].
         min_strength: the least scale-normalised ``-l1`` of a sheet, >= 0.
         min_mm3: the least volume of a sheet-like region that is removed, >= 0.
+        aneurysm_ratio: an aneurysm component whose border (26-neighbours) touches at least this many times
+            as many removed plate voxels as vessel voxels is set to background too: a bright bump on bone, not
+            a sac on an artery. Default 0 (off); other aneurysm labels are never changed.
 
     Returns:
         (D, H, W) labels, same dtype; the input is not modified.
     """
-    check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
-    return PlateMeasure(label, image, spacing, sigmas_mm).remove(max_ratio, min_strength, min_mm3)
+    check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3, aneurysm_ratio)
+    measure = PlateMeasure(label, image, spacing, sigmas_mm)
+    return measure.remove(max_ratio, min_strength, min_mm3, aneurysm_ratio)
 
 
-def check_plate_settings(sigmas_mm: Any, max_ratio: Any, min_strength: Any, min_mm3: Any) -> None:
+def check_plate_settings(
+    sigmas_mm: Any, max_ratio: Any, min_strength: Any, min_mm3: Any, aneurysm_ratio: Any = 0.0
+) -> None:
     """Raise ValueError naming the plate setting that is out of range or not a number."""
 
     def number(value: Any) -> bool:
@@ -161,6 +198,7 @@ def check_plate_settings(sigmas_mm: Any, max_ratio: Any, min_strength: Any, min_
         "max_ratio": (max_ratio, "a number in (0, 1]", lambda v: 0 < v <= 1),
         "min_strength": (min_strength, "a number >= 0", lambda v: v >= 0),
         "min_mm3": (min_mm3, "a number >= 0", lambda v: v >= 0),
+        "aneurysm_ratio": (aneurysm_ratio, "a number >= 0", lambda v: v >= 0),
     }
     for name, (value, expected, ok) in bounds.items():
         if not number(value) or not ok(value):
@@ -176,8 +214,8 @@ class RemovePlatesd(MapTransform):
     Args:
         keys: label keys, each (1, D, H, W) integer labels.
         image_key: the (1, D, H, W) scaled image on the labels' grid. Default ``"image"``.
-        sigmas_mm, max_ratio, min_strength, min_mm3: see :func:`remove_plates`. Default ``sigmas_mm`` empty
-            (off).
+        sigmas_mm, max_ratio, min_strength, min_mm3, aneurysm_ratio: see :func:`remove_plates`. Default
+            ``sigmas_mm`` empty (off).
         allow_missing_keys: as in MONAI.
     """
 
@@ -189,16 +227,18 @@ class RemovePlatesd(MapTransform):
         max_ratio: float = 0.5,
         min_strength: float = 0.03,
         min_mm3: float = 200.0,
+        aneurysm_ratio: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3)
+        check_plate_settings(sigmas_mm, max_ratio, min_strength, min_mm3, aneurysm_ratio)
         self.image_key = image_key
         self.settings = {
             "sigmas_mm": tuple(float(sigma) for sigma in sigmas_mm),
             "max_ratio": float(max_ratio),
             "min_strength": float(min_strength),
             "min_mm3": float(min_mm3),
+            "aneurysm_ratio": float(aneurysm_ratio),
         }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

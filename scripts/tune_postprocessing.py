@@ -69,12 +69,15 @@ PLATE_GRID = {
     "plate_max_ratio": [0.3, 0.4, 0.5],
     "plate_min_strength": [0.03],
     "plate_min_mm3": [100.0, 200.0, 400.0],
+    # aneurysm components on the removed plate more than on vessel (1) or half as much (0.5) go too; 0 is off
+    "plate_aneurysm_ratio": [0.0, 1.0, 0.5],
 }
 _PLATE_OFF = {
     "plate_sigmas_mm": [],
     "plate_max_ratio": 0.5,
     "plate_min_strength": 0.03,
     "plate_min_mm3": 200.0,
+    "plate_aneurysm_ratio": 0.0,
 }
 # the settings of the stages before the plate rule's
 _GROWN = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
@@ -99,7 +102,7 @@ def tune(
     steps, then every ``PLATE_GRID`` setting, on ``(pred, label, spacing)`` cases; rows of all stages sorted
     best first.
 
-    Each row: the thirteen settings (the growth and the plate rule off where not tried, vessel uncapped),
+    Each row: the fourteen settings (the growth and the plate rule off where not tried, vessel uncapped),
     ``score`` (mean over cases) and the means of its three parts.
     """
     off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF, **_PLATE_OFF}
@@ -168,7 +171,10 @@ def _score_grid(
                 if sigmas not in measures:
                     measures[sigmas] = PlateMeasure(grown, images[index], spacing, sigmas)
                 out = measures[sigmas].remove(
-                    settings["plate_max_ratio"], settings["plate_min_strength"], settings["plate_min_mm3"]
+                    settings["plate_max_ratio"],
+                    settings["plate_min_strength"],
+                    settings["plate_min_mm3"],
+                    settings["plate_aneurysm_ratio"],
                 )
             scores.append(case_score(out, truth))
     rows = []
@@ -218,7 +224,7 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
         f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'vessel steps':>12} {'plates':>6} {'ratio':>5} "
-        f"{'mm3':>5} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
+        f"{'mm3':>5} {'on plate':>8} {'score':>7} {'vessel':>7} {'aneur.':>7} {'F1':>7}"
     )
 
     def table(selected: list[dict]) -> str:
@@ -229,7 +235,7 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
                 f"{r['detached_aneurysm_label']!s:>10} {r['min_component_fraction']:8.2f} "
                 f"{r['min_aneurysm_height_mm']:6.1f} {r['min_aneurysm_aspect_ratio']:6.2f} "
                 f"{r['lumen_fraction']:5.2f} {r['lumen_steps']:5d} {r['lumen_vessel_steps']!s:>12} "
-                f"{'on' if r['plate_sigmas_mm'] else 'off':>6} {r['plate_max_ratio']:5.2f} {r['plate_min_mm3']:5.0f} "
+                f"{'on' if r['plate_sigmas_mm'] else 'off':>6} {r['plate_max_ratio']:5.2f} {r['plate_min_mm3']:5.0f} {r['plate_aneurysm_ratio']:8.2f} "
                 f"{r['score']:7.4f} {r['vessel_dice']:7.4f} {r['aneurysm_dice']:7.4f} {r['aneurysm_f1']:7.4f}"
                 for r in selected
             ]

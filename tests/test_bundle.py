@@ -649,6 +649,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_plate_max_ratio",
         "postprocess_plate_min_strength",
         "postprocess_plate_min_mm3",
+        "postprocess_plate_aneurysm_ratio",
         "grow_to_lumen",
         "remove_plates",
     ]

@@ -18,7 +18,7 @@ def shipped_settings() -> dict:
     """The settings configs/inference.yaml ships (and train.yaml and evaluate.yaml take from it)."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
-    keys = ("sigmas_mm", "max_ratio", "min_strength", "min_mm3")
+    keys = ("sigmas_mm", "max_ratio", "min_strength", "min_mm3", "aneurysm_ratio")
     return {key: parser.get_parsed_content(f"postprocess_plate_{key}") for key in keys}
 
 
@@ -32,8 +32,25 @@ def test_the_plate_goes_and_the_artery_and_its_sac_stay(tube_radius_mm):
     plate_vessel = slab & (label == 1)
     assert (out[plate_vessel] == 0).mean() > 0.8  # the plate's rim, a tube-like edge, may stay
     assert (out[tube & ~sac] == 1).mean() > 0.95
-    np.testing.assert_array_equal(out[label == 2], 2)  # aneurysm labels, true or not, are never changed
+    np.testing.assert_array_equal(out[sac], 2)
+    np.testing.assert_array_equal(out[slab & (label == 2)], 0)  # the false aneurysm on the bone goes with it
     np.testing.assert_array_equal(label[plate_vessel], 1)  # the input is left alone
+    kept = remove_plates(label, image, SPACING, **{**DEFAULTS, "aneurysm_ratio": 0.0})
+    np.testing.assert_array_equal(kept[label == 2], 2)  # at 0 aneurysm labels are never changed
+
+
+def test_a_sac_on_its_artery_stays_where_its_dome_touches_the_plate():
+    # a sac rising from the artery to the plate (a paraclinoid aneurysm against the clinoid): it touches the
+    # plate at its dome and the artery at its neck, far more voxels of the one than of the other
+    image, label, tube, slab, _ = bone_scene()
+    x, y, z = np.meshgrid(*[np.arange(56) * 0.5] * 3, indexing="ij")
+    dome = ((x - 20.0) ** 2 + (y - 14.0) ** 2 + (z - 13.2) ** 2 <= 4.5**2) & ~tube & ~slab
+    label[dome] = 2
+    out = remove_plates(label, image, SPACING, **DEFAULTS)
+    assert (out[slab & (label == 1)] == 0).mean() > 0.8  # the plate around it goes
+    np.testing.assert_array_equal(out[dome], 2)
+    # with a ratio below its own (plate contact over artery contact) it would go
+    assert (remove_plates(label, image, SPACING, **{**DEFAULTS, "aneurysm_ratio": 0.01})[dome] == 0).all()
 
 
 def test_a_wide_artery_is_a_tube_at_the_larger_scale():
@@ -80,6 +97,8 @@ def test_scales_are_in_mm():
         ("max_ratio", "false", "plate max_ratio must be a number in"),
         ("min_strength", -0.1, "plate min_strength must be a number >= 0"),
         ("min_mm3", float("nan"), "plate min_mm3 must be a number >= 0"),
+        ("aneurysm_ratio", -1.0, "plate aneurysm_ratio must be a number >= 0"),
+        ("aneurysm_ratio", "false", "plate aneurysm_ratio must be a number >= 0"),
     ],
 )
 def test_settings_out_of_range_are_refused_by_name(setting, value, message):

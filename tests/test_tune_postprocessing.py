@@ -104,6 +104,15 @@ def test_tuning_removes_vessel_labels_on_a_plate_only_where_the_truth_has_no_ves
     assert best["plate_sigmas_mm"] == [2.0, 3.0] and best["plate_max_ratio"] in PLATE_GRID["plate_max_ratio"]
     off = next(r for r in rows if not r["plate_sigmas_mm"] and r["lumen_steps"] == best["lumen_steps"])
     assert best["vessel_dice"] > off["vessel_dice"] + 0.1
+    assert best["plate_aneurysm_ratio"] == 0.0  # this truth keeps the aneurysm on the bone
+    # a bump labelled aneurysm that rises 4 mm from the plate (not flat: the flat rule keeps it), bone in truth:
+    # the components on the plate go with it
+    x, y, z = np.meshgrid(*[np.arange(56) * 0.5] * 3, indexing="ij")
+    bump = ((x - 18.0) ** 2 + (y - 18.0) ** 2 + (z - 21.5) ** 2 <= 3.0**2) & ~slab
+    pred = np.where(bump, 2, label)
+    on_bone = tune([(pred, np.where(slab | bump, 0, label), spacing)], [image])[0]
+    assert on_bone["plate_sigmas_mm"] == [2.0, 3.0] and on_bone["plate_aneurysm_ratio"] > 0
+    assert on_bone["aneurysm_f1"] == 1.0
     # where the plate is vessel after all (a truth that keeps it), the rule stays off
     assert not tune([(label, label, spacing)], [image])[0]["plate_sigmas_mm"]
 
