@@ -23,7 +23,11 @@ the other. The best mean wins, ties going to the mildest setting. Run from the b
 It logs the best settings, the flat-aneurysm rule's trade-off and the overrides to use, and writes
 ``postprocessing.json`` (the best setting, no post-processing, and every row scored) beside the predictions.
 The dark-voxel rule (``postprocess_min_intensity``) works on the softmax before the predictions are saved,
-so it stays on in them and is not tuned here.
+so it stays on in them and is not tuned here. Nor is the volume floor of foreground components
+(``--min_component_mm3``, the configs' ``postprocess_min_component_mm3``, 20 mm^3): on phantoms, whose vessel
+trees make the fraction rule remove every speck, no floor up to 20 mm^3 changes a score, while a volume with
+no vessels keeps its specks without it (docs/recipe.md, 0.9.11). It is applied in every row, as the growth's
+floor is.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ __all__ = ["GRID", "LUMEN_GRID", "PLATE_GRID", "SHAPE_GRID", "VESSEL_GRID", "mai
 logger = logging.getLogger(__name__)
 
 GRID = {
-    "min_component_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
     "min_aneurysm_mm3": [0.0, 0.5, 1.0, 2.0, 4.0],
     "detached_aneurysm_label": [None, 0, 1],
     "min_component_fraction": [0.0, 0.02, 0.05, 0.1],
@@ -79,8 +82,10 @@ _PLATE_OFF = {
     "plate_min_mm3": 200.0,
     "plate_aneurysm_ratio": 0.0,
 }
+# the first stage's settings: the volume floor (fixed, not tuned) and GRID's
+_FIRST = ["min_component_mm3", *GRID]
 # the settings of the stages before the plate rule's
-_GROWN = [*GRID, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
+_GROWN = [*_FIRST, *SHAPE_GRID, *LUMEN_GRID, *VESSEL_GRID]
 
 
 def _prediction_for(pred_dir: Path, image: str) -> Path:
@@ -95,8 +100,9 @@ def tune(
     cases: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],
     images: list[np.ndarray] | None = None,
     lumen_floor: float = 0.2,
+    min_component_mm3: float = 20.0,
 ) -> list[dict]:
-    """Score every ``GRID`` setting, then every ``SHAPE_GRID`` setting on top of the best, then, given the
+    """Score every ``GRID`` setting (components under ``min_component_mm3`` always removed), then every ``SHAPE_GRID`` setting on top of the best, then, given the
     cases' ``images`` (scaled, on the predictions' grid), every ``LUMEN_GRID`` setting on top of the best of
     those with the growth's floor at ``lumen_floor``, then every ``VESSEL_GRID`` cap below the best growth's
     steps, then every ``PLATE_GRID`` setting, on ``(pred, label, spacing)`` cases; rows of all stages sorted
@@ -106,19 +112,20 @@ def tune(
     ``score`` (mean over cases) and the means of its three parts.
     """
     off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF, **_PLATE_OFF}
-    rows = _score_grid(cases, [{**settings, **off} for settings in _combinations(GRID)])
-    best = {k: v for k, v in rows[0].items() if k in GRID}
+    floor = {"min_component_mm3": float(min_component_mm3)}
+    rows = _score_grid(cases, [{**floor, **settings, **off} for settings in _combinations(GRID)])
+    best = {k: v for k, v in rows[0].items() if k in _FIRST}
     shapes = [{**best, **shape, **_LUMEN_OFF, **_PLATE_OFF} for shape in _combinations(SHAPE_GRID)]
     rows += _score_grid(cases, shapes, start=len(rows))
     if images is not None:
         rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
-        best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID}
+        best = {k: v for k, v in rows[0].items() if k in _FIRST or k in SHAPE_GRID}
         lumens = [
             {**best, **lumen, "lumen_vessel_steps": None, **_PLATE_OFF} for lumen in _combinations(LUMEN_GRID)
         ]
         rows += _score_grid(cases, lumens, start=len(rows), images=images, floor=lumen_floor)
         rows.sort(key=lambda r: (-round(r["score"], 6), r["_order"]))
-        best = {k: v for k, v in rows[0].items() if k in GRID or k in SHAPE_GRID or k in LUMEN_GRID}
+        best = {k: v for k, v in rows[0].items() if k in _FIRST or k in SHAPE_GRID or k in LUMEN_GRID}
         caps = [
             {**best, **cap, **_PLATE_OFF}
             for cap in _combinations(VESSEL_GRID)
@@ -196,9 +203,16 @@ def _stage_rows(rows: list[dict], fixed: dict, grid: dict[str, list]) -> list[di
     return selected
 
 
-def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: float = 0.2) -> dict:
-    """Tune on the saved predictions of ``split`` of ``datalist``, the growth's floor at ``lumen_floor`` (the
-    configs' ``postprocess_lumen_floor``); returns the best row."""
+def main(
+    pred_dir: str,
+    datalist: str,
+    split: str = "validation",
+    lumen_floor: float = 0.2,
+    min_component_mm3: float = 20.0,
+) -> dict:
+    """Tune on the saved predictions of ``split`` of ``datalist``, the growth's floor at ``lumen_floor`` and the
+    volume floor of foreground components at ``min_component_mm3`` (the configs' ``postprocess_lumen_floor``
+    and ``postprocess_min_component_mm3``); returns the best row."""
     folder = Path(pred_dir)
     cases, images = [], []
     for entry in load_split(datalist, split):
@@ -220,7 +234,7 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
         if image.shape[:3] != label.shape[:3]:
             raise ValueError(f"{entry['image']}: image shape {image.shape} differs from label {label.shape}.")
         images.append(robust_scale(torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))).numpy())
-    rows = tune(cases, images, lumen_floor)
+    rows = tune(cases, images, lumen_floor, min_component_mm3)
     header = (
         f"{'min_component_mm3':>18} {'min_aneurysm_mm3':>17} {'detached->':>10} {'fraction':>8} "
         f"{'height':>6} {'aspect':>6} {'lumen':>5} {'steps':>5} {'vessel steps':>12} {'plates':>6} {'ratio':>5} "
@@ -244,8 +258,7 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     none = next(
         r
         for r in rows
-        if r["min_component_mm3"] == 0
-        and r["min_aneurysm_mm3"] == 0
+        if r["min_aneurysm_mm3"] == 0
         and r["detached_aneurysm_label"] is None
         and r["min_component_fraction"] == 0
         and r["min_aneurysm_height_mm"] == 0
@@ -256,12 +269,12 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     best = rows[0]
     # the second to fifth stages, best first; each one's off row is the best of the stages before it
     off = {"plate_sigmas_mm": []}
-    shape_rows = _stage_rows(rows, {**{k: best[k] for k in GRID}, "lumen_steps": 0, **off}, SHAPE_GRID)
+    shape_rows = _stage_rows(rows, {**{k: best[k] for k in _FIRST}, "lumen_steps": 0, **off}, SHAPE_GRID)
     lumen_rows = _stage_rows(
-        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID]}, "lumen_vessel_steps": None, **off}, LUMEN_GRID
+        rows, {**{k: best[k] for k in [*_FIRST, *SHAPE_GRID]}, "lumen_vessel_steps": None, **off}, LUMEN_GRID
     )
     cap_rows = _stage_rows(
-        rows, {**{k: best[k] for k in [*GRID, *SHAPE_GRID, *LUMEN_GRID]}, **off}, VESSEL_GRID
+        rows, {**{k: best[k] for k in [*_FIRST, *SHAPE_GRID, *LUMEN_GRID]}, **off}, VESSEL_GRID
     )
     plate_rows = _stage_rows(rows, {k: best[k] for k in _GROWN}, PLATE_GRID)
     logger.info("%d cases; best 10 of %d settings:\n%s", len(cases), len(rows), table(rows[:10]))
@@ -269,14 +282,26 @@ def main(pred_dir: str, datalist: str, split: str = "validation", lumen_floor: f
     logger.info("the growth to the lumen's edge on top of the best clean-up:\n%s", table(lumen_rows))
     logger.info("vessel's share of the best growth:\n%s", table(cap_rows))
     logger.info("vessel labels on bone plates, on top of the best growth:\n%s", table(plate_rows))
-    logger.info("without post-processing: score %.4f; best: %.4f", none["score"], best["score"])
+    logger.info(
+        "without post-processing (but the %s mm3 volume floor): score %.4f; best: %.4f",
+        min_component_mm3,
+        none["score"],
+        best["score"],
+    )
     keys = [*_GROWN, *PLATE_GRID]
     use = " ".join(f"--postprocess_{k} {str(best[k]).replace(' ', '')}" for k in keys)
     logger.info("use: %s --postprocess_lumen_floor %s", use, lumen_floor)
     write_atomically(
         str(folder / "postprocessing.json"),
         json.dumps(
-            {"best": best, "none": none, "lumen_floor": lumen_floor, "cases": len(cases), "rows": rows},
+            {
+                "best": best,
+                "none": none,
+                "lumen_floor": lumen_floor,
+                "min_component_mm3": min_component_mm3,
+                "cases": len(cases),
+                "rows": rows,
+            },
             indent=2,
         )
         + "\n",

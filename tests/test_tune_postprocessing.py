@@ -23,20 +23,25 @@ def test_tuning_prefers_the_setting_that_removes_false_aneurysms():
     truth = postprocessing_scene()
     truth[2:6, 2:6, 2:6] = 0  # the detached blob is a false positive of the prediction
     truth[25, 25, 25] = 0
-    rows = tune([(postprocessing_scene(), truth, (1.0, 1.0, 1.0))])
+    rows = tune([(postprocessing_scene(), truth, (1.0, 1.0, 1.0))], min_component_mm3=0.0)
     best = rows[0]
-    # the speck goes by its volume or by its share of the largest component
-    assert best["detached_aneurysm_label"] == 0 and (
-        best["min_component_mm3"] > 0 or best["min_component_fraction"] > 0
-    )
+    # without the volume floor, the speck goes by its share of the largest component
+    assert best["detached_aneurysm_label"] == 0 and best["min_component_fraction"] > 0
     untouched = next(
+        r for r in rows if r["detached_aneurysm_label"] is None and r["min_component_fraction"] == 0
+    )
+    assert best["score"] > untouched["score"]
+    # the floor (the configs' 20 mm^3) removes it in every row
+    rows = tune([(postprocessing_scene(), truth, (1.0, 1.0, 1.0))])
+    assert all(r["min_component_mm3"] == 20.0 for r in rows)
+    rule_free = [
         r
         for r in rows
         if r["detached_aneurysm_label"] is None
-        and r["min_component_mm3"] == 0
-        and r["min_component_fraction"] == 0
-    )
-    assert best["score"] > untouched["score"]
+        and r["min_component_fraction"] == r["min_aneurysm_mm3"] == r["min_aneurysm_height_mm"] == 0
+    ]
+    assert rule_free and all(r["vessel_dice"] == 1.0 for r in rule_free)
+    assert untouched["vessel_dice"] < 1.0  # without the floor the speck stayed
 
 
 def test_tuning_turns_the_flat_aneurysm_rule_on_when_a_wall_patch_is_false():
@@ -171,6 +176,7 @@ def test_command_writes_every_scored_setting_and_logs_the_flat_rule_trade_off(tm
     assert (
         written["none"]["score"] < best["score"] and written["cases"] == 1 and written["lumen_floor"] == 0.2
     )
+    assert written["min_component_mm3"] == 20.0 and "--postprocess_min_component_mm3 20.0" in caplog.text
     (trade_off,) = [r.getMessage() for r in caplog.records if "flat-aneurysm rule" in r.getMessage()]
     assert len(trade_off.splitlines()) == 1 + 1 + shape_size  # title, header, one row per rule
     (growth,) = [r.getMessage() for r in caplog.records if "lumen's edge" in r.getMessage()]
