@@ -125,7 +125,7 @@ class PlateMeasure:
 def _remove_aneurysms_on(plates: np.ndarray, out: np.ndarray, ratio: float) -> None:
     """Set to background, in ``out``, the aneurysm components whose border touches at least ``ratio`` times as
     many voxels of ``plates`` (the vessel labels just removed) as of vessel labels."""
-    components, count = ndimage.label(out == ANEURYSM_LABEL, _CONNECTIVITY)
+    components, _ = ndimage.label(out == ANEURYSM_LABEL, _CONNECTIVITY)
     on_plates = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)

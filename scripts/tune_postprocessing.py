@@ -102,11 +102,11 @@ def tune(
     lumen_floor: float = 0.2,
     min_component_mm3: float = 20.0,
 ) -> list[dict]:
-    """Score every ``GRID`` setting (components under ``min_component_mm3`` always removed), then every ``SHAPE_GRID`` setting on top of the best, then, given the
-    cases' ``images`` (scaled, on the predictions' grid), every ``LUMEN_GRID`` setting on top of the best of
-    those with the growth's floor at ``lumen_floor``, then every ``VESSEL_GRID`` cap below the best growth's
-    steps, then every ``PLATE_GRID`` setting, on ``(pred, label, spacing)`` cases; rows of all stages sorted
-    best first.
+    """Score every ``GRID`` setting (components under ``min_component_mm3`` removed in all of them), then every
+    ``SHAPE_GRID`` setting on top of the best, then, given the cases' ``images`` (scaled, on the predictions'
+    grid), every ``LUMEN_GRID`` setting on top of the best of those with the growth's floor at
+    ``lumen_floor``, then every ``VESSEL_GRID`` cap below the best growth's steps, then every ``PLATE_GRID``
+    setting, on ``(pred, label, spacing)`` cases; rows of all stages sorted best first.
 
     Each row: the fourteen settings (the growth and the plate rule off where not tried, vessel uncapped),
     ``score`` (mean over cases) and the means of its three parts.
