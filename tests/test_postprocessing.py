@@ -306,7 +306,7 @@ def test_the_shipped_clean_up_leaves_nothing_of_speckle_in_a_volume_without_vess
 def test_the_shipped_clean_up_keeps_a_thin_artery_alone_in_its_volume():
     # 1 mm across and 40 mm long (31 mm^3), the only structure of a small field of view
     label = np.zeros((100, 20, 20), np.int64)
-    zz, yy, xx = np.mgrid[:100, :20, :20]
+    _, yy, xx = np.mgrid[:100, :20, :20]
     label[(yy - 10) ** 2 + (xx - 10) ** 2 <= 1] = 1
     assert 25 < label.sum() * 0.4**3 < 40
     np.testing.assert_array_equal(clean_segmentation(label, (0.4, 0.4, 0.4), **shipped_clean_up()), label)
