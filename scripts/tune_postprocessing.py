@@ -112,8 +112,8 @@ def tune(
     ``score`` (mean over cases) and the means of its three parts.
     """
     off = {**dict.fromkeys(SHAPE_GRID, 0.0), **_LUMEN_OFF, **_PLATE_OFF}
-    floor = {"min_component_mm3": float(min_component_mm3)}
-    rows = _score_grid(cases, [{**floor, **settings, **off} for settings in _combinations(GRID)])
+    volume_floor = {"min_component_mm3": float(min_component_mm3)}
+    rows = _score_grid(cases, [{**volume_floor, **settings, **off} for settings in _combinations(GRID)])
     best = {k: v for k, v in rows[0].items() if k in _FIRST}
     shapes = [{**best, **shape, **_LUMEN_OFF, **_PLATE_OFF} for shape in _combinations(SHAPE_GRID)]
     rows += _score_grid(cases, shapes, start=len(rows))

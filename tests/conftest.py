@@ -30,6 +30,16 @@ import pytest  # noqa: E402
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
+def shipped_settings(prefix: str, keys) -> dict:
+    """The values configs/inference.yaml ships for ``prefix + key`` (train.yaml and evaluate.yaml take them
+    from it), by key."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    return {key: parser.get_parsed_content(f"{prefix}{key}") for key in keys}
+
+
 def bundle_workflow(config_file, workflow_type: str, **overrides):
     """A ``monai.bundle.ConfigWorkflow`` of this bundle's configs with its metadata and logging.conf, as
     ``python -m monai.bundle run`` builds it; ``overrides`` as on its command line."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, bone_scene
-from monai.bundle import ConfigParser
+from conftest import bone_scene, shipped_settings
 from monai.data import MetaTensor
 
 from scripts.plates import RemovePlatesd, remove_plates
@@ -14,15 +13,9 @@ from scripts.plates import RemovePlatesd, remove_plates
 SPACING = (0.5, 0.5, 0.5)  # bone_scene's
 
 
-def shipped_settings() -> dict:
-    """The settings configs/inference.yaml ships (and train.yaml and evaluate.yaml take from it)."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.yaml"))
-    keys = ("sigmas_mm", "max_ratio", "min_strength", "min_mm3", "aneurysm_ratio")
-    return {key: parser.get_parsed_content(f"postprocess_plate_{key}") for key in keys}
-
-
-DEFAULTS = shipped_settings()
+DEFAULTS = shipped_settings(
+    "postprocess_plate_", ("sigmas_mm", "max_ratio", "min_strength", "min_mm3", "aneurysm_ratio")
+)
 
 
 @pytest.mark.parametrize("tube_radius_mm", [1.0, 1.5, 2.5])

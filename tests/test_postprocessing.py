@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene
-from monai.bundle import ConfigParser
+from conftest import blurred_lumen_scene, flat_aneurysm_scene, postprocessing_scene, shipped_settings
 from monai.data import MetaTensor
 from scipy import ndimage
 
@@ -269,9 +268,7 @@ def test_dictionary_transform_grows_on_the_named_image_and_checks_its_grid():
 
 
 def shipped_clean_up() -> dict:
-    """The clean-up settings configs/inference.yaml ships (train.yaml and evaluate.yaml take them from it)."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.yaml"))
+    """The clean-up settings configs/inference.yaml ships."""
     keys = (
         "min_component_mm3",
         "min_aneurysm_mm3",
@@ -280,7 +277,7 @@ def shipped_clean_up() -> dict:
         "min_aneurysm_height_mm",
         "min_aneurysm_aspect_ratio",
     )
-    return {key: parser.get_parsed_content(f"postprocess_{key}") for key in keys}
+    return shipped_settings("postprocess_", keys)
 
 
 def speckle(shape=(80, 80, 80), count=60, seed=0) -> np.ndarray:
