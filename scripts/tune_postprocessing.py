@@ -27,7 +27,7 @@ so it stays on in them and is not tuned here. Nor is the volume floor of foregro
 (``--min_component_mm3``, the configs' ``postprocess_min_component_mm3``, 20 mm^3): on phantoms, whose vessel
 trees make the fraction rule remove every speck, no floor up to 20 mm^3 changes a score, while a volume with
 no vessels keeps its specks without it (docs/recipe.md, 0.9.11). It is applied in every row, as the growth's
-floor is.
+floor is, and again after the plate rule to the pieces that rule leaves (the configs' ``remove_fragments``).
 """
 
 from __future__ import annotations
@@ -183,6 +183,8 @@ def _score_grid(
                     settings["plate_min_mm3"],
                     settings["plate_aneurysm_ratio"],
                 )
+                # the volume floor again on the pieces the plate leaves, as the configs' remove_fragments
+                out = clean_segmentation(out, spacing, min_component_mm3=settings["min_component_mm3"])
             scores.append(case_score(out, truth))
     rows = []
     for order, (settings, scores) in enumerate(zip(settings_list, parts, strict=True), start=start):

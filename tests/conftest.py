@@ -187,10 +187,10 @@ def flat_aneurysm_scene():
     return label
 
 
-def bone_scene(tube_radius_mm: float = 1.5, plate: bool = True):
-    """A 28 mm cube at 0.5 mm: a straight artery along X with a sac on it, and 11 mm above it a 3 mm thick
-    plate, 21 mm square and dimmer than the lumen, that the "network" labelled vessel, but for a patch it
-    labelled aneurysm.
+def bone_scene(tube_radius_mm: float = 1.5, plate: bool = True, plate_thickness_mm: float = 3.0):
+    """A 28 mm cube at 0.5 mm: a straight artery along X with a sac on it, and 11 mm above it a plate
+    (``plate_thickness_mm`` thick, default 3), 21 mm square and dimmer than the lumen, that the "network"
+    labelled vessel, but for a patch it labelled aneurysm.
 
     Returns:
         image (X, Y, Z) float32 (lumen 1, blurred, noisy), label (X, Y, Z) int64, and the tube, plate and sac
@@ -202,7 +202,7 @@ def bone_scene(tube_radius_mm: float = 1.5, plate: bool = True):
     x, y, z = np.meshgrid(*[np.arange(56) * 0.5] * 3, indexing="ij")
     tube = (y - 14.0) ** 2 + (z - 8.0) ** 2 <= tube_radius_mm**2
     sac = (x - 14.0) ** 2 + (y - 14.0) ** 2 + (z - 9.5 - tube_radius_mm) ** 2 <= 2.5**2
-    slab = (np.abs(z - 19.0) <= 1.5) & (x > 3) & (x < 25) & (y > 3) & (y < 25)
+    slab = (np.abs(z - 19.0) <= plate_thickness_mm / 2) & (x > 3) & (x < 25) & (y > 3) & (y < 25)
     slab &= plate
     image = np.where(tube | sac, 1.0, np.where(slab, 0.7, 0.0)).astype(np.float32)
     noise = np.random.default_rng(0).normal(0.0, 0.05, image.shape).astype(np.float32)

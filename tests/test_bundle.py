@@ -652,6 +652,7 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         "postprocess_plate_aneurysm_ratio",
         "grow_to_lumen",
         "remove_plates",
+        "remove_fragments",
     ]
     assert [k for k in keys if train[k] != infer[k]] == []
     assert [t["_target_"] for t in train["loading"]] == [t["_target_"] for t in infer["loading"]]
@@ -672,6 +673,8 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
         # the labels grow to the lumen's edge, then lose what lies on bone plates
         assert steps.index("@clean_segmentation") < steps.index("@grow_to_lumen"), name
         assert steps[steps.index("@grow_to_lumen") + 1] == "@remove_plates", name
+        # and the volume floor again on the pieces the plates leave
+        assert steps[steps.index("@remove_plates") + 1] == "@remove_fragments", name
     assert infer["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert train["validate"]["preprocessing"]["transforms"] == "$@loading + @preparation"
     assert "@clean_segmentation" in infer["postprocessing"]["transforms"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import bone_scene, shipped_settings
+from conftest import CONFIGS, bone_scene, shipped_settings
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from scripts.plates import RemovePlatesd, remove_plates
 
@@ -118,3 +120,25 @@ def test_dictionary_transform_reads_the_spacing_from_the_affine_and_checks_the_g
         RemovePlatesd("pred", image_key="lumen_image", **DEFAULTS)(data)
     with pytest.raises(ValueError, match="one shape"):
         remove_plates(label, image[:-1], SPACING, **DEFAULTS)
+
+
+def test_the_shipped_chain_leaves_no_piece_of_a_removed_plate():
+    # a 2 mm plate: along its rims the image is an edge, not a sheet, and the plate rule leaves four pieces of
+    # about 10 mm^3 there; the steps the inference workflow runs after it take them, and keep the artery
+    image, label, tube, slab, sac = bone_scene(plate_thickness_mm=2.0)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    steps = parser["postprocessing"]["transforms"]
+    from_plates = steps[steps.index("@remove_plates") : -1]  # up to the writer of the case's outputs
+    assert "WriteCaseOutputsd" in steps[-1]["_target_"]
+    chain = Compose([parser.get_parsed_content(step.removeprefix("@")) for step in from_plates])
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    data = {
+        "pred": MetaTensor(torch.as_tensor(label[None]), affine=affine),
+        "lumen_image": torch.as_tensor(image[None]),
+    }
+    pieces = remove_plates(label, image, SPACING, **DEFAULTS)
+    assert 200 < (pieces[slab] > 0).sum() < 0.2 * slab.sum()
+    out = chain(data)["pred"][0].numpy()
+    assert not out[slab].any()
+    np.testing.assert_array_equal(out[tube | sac], pieces[tube | sac])
