@@ -30,13 +30,19 @@ import pytest  # noqa: E402
 CONFIGS = BUNDLE_ROOT / "configs"
 
 
-def shipped_settings(prefix: str, keys) -> dict:
-    """The values configs/inference.yaml ships for ``prefix + key`` (train.yaml and evaluate.yaml take them
-    from it), by key."""
+def inference_config():
+    """A ``ConfigParser`` of configs/inference.yaml as shipped, the one definition of the post-processing."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
+    return parser
+
+
+def shipped_settings(prefix: str, keys) -> dict:
+    """The values configs/inference.yaml ships for ``prefix + key`` (train.yaml and evaluate.yaml take them
+    from it), by key."""
+    parser = inference_config()
     return {key: parser.get_parsed_content(f"{prefix}{key}") for key in keys}
 
 

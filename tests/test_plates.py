@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, bone_scene, shipped_settings
-from monai.bundle import ConfigParser
+from conftest import bone_scene, inference_config, shipped_settings
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
@@ -126,8 +125,7 @@ def test_the_shipped_chain_leaves_no_piece_of_a_removed_plate():
     # a 2 mm plate: along its rims the image is an edge, not a sheet, and the plate rule leaves four pieces of
     # about 10 mm^3 there; the steps the inference workflow runs after it take them, and keep the artery
     image, label, tube, slab, sac = bone_scene(plate_thickness_mm=2.0)
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser = inference_config()
     steps = parser["postprocessing"]["transforms"]
     from_plates = steps[steps.index("@remove_plates") : -1]  # up to the writer of the case's outputs
     assert "WriteCaseOutputsd" in steps[-1]["_target_"]
