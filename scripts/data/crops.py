@@ -17,6 +17,7 @@ __all__ = [
     "aligned_starts",
     "bright_background_voxels",
     "empty_window_starts",
+    "prepared_voxels",
 ]
 
 
@@ -87,6 +88,33 @@ def bright_background_voxels(image: np.ndarray, label: np.ndarray, margin: int =
     return np.flatnonzero((image >= np.median(image[labelled])) & ~near)
 
 
+def prepared_voxels(voxels: Any, label: Any) -> np.ndarray:
+    """Voxel positions given in the label file's grid, mapped onto ``label``'s grid after preprocessing.
+
+    Reorientation and resampling move every voxel; a position is carried through the world coordinates of
+    the label as loaded (``original_affine`` in its metadata) and the label's current affine. Positions that
+    land outside the volume are dropped. A label without that metadata (a plain array) is taken as the
+    file's own grid.
+
+    Args:
+        voxels: (K, 3) voxel indices in the label file's grid; K may be 0.
+        label: (1, D, H, W) the preprocessed label, a MetaTensor when it was loaded from a file.
+
+    Returns:
+        (K', 3) int array of voxel indices into ``label[0]``, K' <= K.
+    """
+    points = np.asarray(voxels, dtype=float).reshape(-1, 3)
+    meta = getattr(label, "meta", {})
+    if "original_affine" in meta and len(points):
+        to_world = convert_to_numpy(meta["original_affine"]).astype(float)
+        to_voxel = np.linalg.inv(convert_to_numpy(label.affine).astype(float))
+        homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+        points = (to_voxel @ to_world @ homogeneous.T).T[:, :3]
+    points = np.rint(points).astype(int)
+    inside = np.all((points >= 0) & (points < np.asarray(label.shape[1:])), axis=1)
+    return points[inside]
+
+
 class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampleTrait):
     """Random crops centred on a voxel of a class drawn with ``ratios``, with in-plane starts on a grid.
 
@@ -110,6 +138,13 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
             as the lumen (:func:`bright_background_voxels`: bone, metal; cases without any skip it). These
             hard negatives are rare among crops centred by class, and a model that has seen few calls bone
             vessel. Needs ``image_key``. Default 0.
+        hard_negative_ratio: sampling weight, beside ``ratios``, of a crop centred on one of the case's hard
+            negatives, each equally likely: structures that look like the class to learn but are not (on the
+            phantoms a vessel loop crossing itself, a fusiform bulge, an infundibulum; see
+            :func:`scripts.data.datalist.load_split`). Crops centred by class rarely fall on them, as they are
+            few voxels of a common class. Cases without any skip it. Default 0.
+        hard_negative_key: the key of the hard negatives, (K, 3) voxel indices in the label file's grid
+            (:func:`prepared_voxels`); it is dropped from the crops. Default ``"hard_negatives"``.
         image_key: the image the bright voxels are found in, (1, D, H, W). Default ``"image"``.
         grid: in-plane start grid in voxels. Default 32; 1 disables alignment.
         slice_axis: the spatial axis slices are taken across (free start). Default 2.
@@ -125,6 +160,8 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         num_samples: int = 1,
         empty_ratio: float = 0.0,
         bright_ratio: float = 0.0,
+        hard_negative_ratio: float = 0.0,
+        hard_negative_key: str = "hard_negatives",
         image_key: str = "image",
         grid: int = 32,
         slice_axis: int = 2,
@@ -139,19 +176,30 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
             raise ValueError(f"Invalid grid={grid}, num_samples={num_samples} or slice_axis={slice_axis}.")
         self.label_key = label_key
         self.spatial_size = tuple(int(s) for s in spatial_size)
-        if empty_ratio < 0 or bright_ratio < 0:
-            raise ValueError(f"empty_ratio and bright_ratio must be >= 0, got {empty_ratio}, {bright_ratio}.")
+        weights = {
+            "empty_ratio": empty_ratio,
+            "bright_ratio": bright_ratio,
+            "hard_negative_ratio": hard_negative_ratio,
+        }
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
         self.ratios = np.asarray(ratios, dtype=float)
         self.empty_ratio = float(empty_ratio)
         self.bright_ratio = float(bright_ratio)
+        self.hard_negative_ratio = float(hard_negative_ratio)
+        self.hard_negative_key = hard_negative_key
         self.image_key = image_key
         self.num_samples = num_samples
         self.grid = grid
         self.slice_axis = slice_axis
 
-    def randomize(self, label: np.ndarray, image: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+    def randomize(
+        self, label: np.ndarray, image: np.ndarray | None = None, hard_negatives: np.ndarray | None = None
+    ) -> list[tuple[int, int, int]]:
         """Crop starts for one case. ``label``: (D, H, W) integer classes; ``image``: (D, H, W), needed when
-        ``bright_ratio > 0``."""
+        ``bright_ratio > 0``; ``hard_negatives``: (K, 3) voxel indices into ``label``, used when
+        ``hard_negative_ratio > 0``."""
         shape = label.shape
         flat = label.reshape(-1)
         # one pass per weighted class: its voxels, and whether it is present at all
@@ -162,6 +210,10 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
                 raise ValueError("bright_ratio > 0 needs the image to find bright background in.")
             members.append(bright_background_voxels(image, label))
             weights.append(self.bright_ratio if members[-1].size else 0.0)
+        if self.hard_negative_ratio > 0:  # each hard negative one candidate centre
+            points = np.zeros((0, 3), dtype=int) if hard_negatives is None else np.asarray(hard_negatives)
+            members.append(np.ravel_multi_index(tuple(points.T), shape) if len(points) else np.zeros(0, int))
+            weights.append(self.hard_negative_ratio if len(points) else 0.0)
         weights = np.array(weights)
         empty = (
             empty_window_starts(label > 0, self.spatial_size, self.grid, self.slice_axis)
@@ -197,12 +249,20 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
                 "pad it first."
             )
         image = convert_to_numpy(data[self.image_key])[0] if self.bright_ratio > 0 else None
+        hard_negatives = None
+        if self.hard_negative_ratio > 0:
+            if self.hard_negative_key not in data:
+                raise ValueError(
+                    f"hard_negative_ratio > 0 needs the case's '{self.hard_negative_key}' (load_split's "
+                    "hard_negatives=True); this case has none."
+                )
+            hard_negatives = prepared_voxels(data[self.hard_negative_key], data[self.label_key])
         samples = []
-        for start in self.randomize(label[0], image):
+        for start in self.randomize(label[0], image, hard_negatives):
             crop = SpatialCrop(
                 roi_start=start, roi_end=[s + r for s, r in zip(start, self.spatial_size, strict=True)]
             )
-            sample = dict(data)
+            sample = {k: v for k, v in data.items() if k != self.hard_negative_key}  # ragged: not batchable
             for key in self.key_iterator(sample):
                 sample[key] = crop(sample[key])
             samples.append(sample)

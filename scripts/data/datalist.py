@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from scripts.data.dicom import dicom_files
 
 __all__ = ["DATALIST_NAME", "bundle_datalist", "inference_inputs", "load_split", "resolve_datalist"]
@@ -93,11 +95,22 @@ def bundle_datalist(key: str = "datalist", overrides: dict | None = None) -> str
     return str(parser.get_parsed_content(key))
 
 
-def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dict]:
+def load_split(
+    datalist: str, key: str, base_dir: str | None = None, hard_negatives: bool = False
+) -> list[dict]:
     """``image``/``label`` entries of one split with absolute paths, every referenced file checked to exist.
 
+    Args:
+        datalist: the datalist JSON file.
+        key: the split, e.g. ``"training"``.
+        base_dir: folder the relative paths start from. Default: the datalist's folder.
+        hard_negatives: also give each entry ``hard_negatives``, (K, 3) voxel indices in its label file's grid
+            of structures that look like an aneurysm and are not, read from the entry's
+            ``info.hard_negatives[].centre_voxel`` (the synthetic phantoms write them; K = 0 where an entry has
+            none), for :class:`scripts.data.crops.CacheAlignedRandCropByLabelClassesd`. Default False.
+
     Raises:
-        ValueError: the datalist is unreadable or lacks ``key``.
+        ValueError: the datalist is unreadable or lacks ``key``, or a hard negative is not 3 integers.
         FileNotFoundError: an entry names a file that does not exist (the message names both).
     """
     from monai.data import load_decathlon_datalist
@@ -112,13 +125,32 @@ def load_split(datalist: str, key: str, base_dir: str | None = None) -> list[dic
     entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=base_dir)
     # Only what the pipeline reads: extra per-case fields (e.g. the phantoms' info) differ between cases
     # and could not be batched.
-    entries = [{k: e[k] for k in ("image", "label") if k in e} for e in entries]
+    entries = [
+        {k: e[k] for k in ("image", "label") if k in e}
+        | ({"hard_negatives": _hard_negatives(e, path)} if hard_negatives else {})
+        for e in entries
+    ]
     for entry in entries:
         for field in ("image", "label"):
             if field in entry and not Path(entry[field]).is_file():
                 raise FileNotFoundError(f"{path}: '{key}' entry names {entry[field]}, which does not exist.")
     logger.info("%s: %d '%s' cases", path, len(entries), key)
     return entries
+
+
+def _hard_negatives(entry: dict, datalist: Path) -> np.ndarray:
+    """(K, 3) int voxel indices of an entry's ``info.hard_negatives[].centre_voxel``; raises ValueError naming
+    the datalist and the entry's label when one is not 3 integers."""
+    found = []
+    for negative in entry.get("info", {}).get("hard_negatives", []):
+        voxel = negative.get("centre_voxel") if isinstance(negative, dict) else None
+        if not (isinstance(voxel, list) and len(voxel) == 3 and all(type(v) is int for v in voxel)):
+            raise ValueError(
+                f"{datalist}: the hard negative {negative!r} of {entry.get('label')} has no 'centre_voxel' of "
+                "3 integers."
+            )
+        found.append(voxel)
+    return np.array(found, dtype=np.int64).reshape(-1, 3)
 
 
 def inference_inputs(dataset_dir: str | None = None, input_files: list[str] | None = None) -> list[dict]:

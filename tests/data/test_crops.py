@@ -1,17 +1,22 @@
-"""Training crops: windows of plain background and of bright background on request, found exactly, still on the
-cache grid."""
+"""Training crops: windows of plain background, of bright background and around hard negatives on request, found
+exactly, still on the cache grid."""
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS
 
 from scripts.data.crops import (
     CacheAlignedRandCropByLabelClassesd,
     aligned_starts,
     bright_background_voxels,
     empty_window_starts,
+    prepared_voxels,
 )
 
 
@@ -142,3 +147,88 @@ def test_in_plane_starts_are_on_the_grid_and_the_slice_axis_start_is_free(slice_
             assert aligned.all(), f"axis {axis} is in-plane for slice_axis={slice_axis}"
     samples = crop({"label": torch.as_tensor(label[None])})
     assert all(s["label"].shape == (1, *roi) for s in samples)
+
+
+HARD_NEGATIVE = (6, 5, 27)  # on _label()'s vessel, beyond a 16-voxel crop's reach from its aneurysm (z 10-13)
+
+
+@pytest.mark.parametrize("hard_negative_ratio, expect_share", [(0.0, (0.0, 0.0)), (3.0, (0.6, 0.9))])
+def test_hard_negative_ratio_sets_the_share_of_crops_around_a_hard_negative(
+    hard_negative_ratio, expect_share
+):
+    label = torch.as_tensor(_label()[None])
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["label"], "label", (16, 16, 16), ratios=[0, 0, 1], num_samples=100, grid=1,
+        hard_negative_ratio=hard_negative_ratio,
+    )  # fmt: skip
+    crop.set_random_state(0)
+    data = {"label": label, "hard_negatives": np.array([HARD_NEGATIVE])}
+    starts = np.array(crop.randomize(_label(), hard_negatives=data["hard_negatives"]))
+    around = np.all((starts <= HARD_NEGATIVE) & (np.array(HARD_NEGATIVE) < starts + 16), axis=1)
+    assert expect_share[0] <= around.mean() <= expect_share[1]  # the weight's share, 3 / 4
+    samples = crop(data)
+    assert all(set(s) == {"label"} for s in samples)  # the ragged positions do not reach the batch
+
+
+def test_hard_negatives_are_checked():
+    for bad in (-1, "1", True, None):
+        with pytest.raises(ValueError, match="hard_negative_ratio"):
+            CacheAlignedRandCropByLabelClassesd(
+                ["label"], "label", (8, 8, 8), ratios=[1], hard_negative_ratio=bad
+            )
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["label"], "label", (16, 16, 16), ratios=[1], hard_negative_ratio=1
+    )
+    with pytest.raises(ValueError, match="hard_negatives"):
+        crop({"label": torch.as_tensor(_label()[None])})
+    crop.set_random_state(0)  # a case without any: crops by class only
+    samples = crop({"label": torch.as_tensor(_label()[None]), "hard_negatives": np.zeros((0, 3), int)})
+    assert len(samples) == 1 and samples[0]["label"].shape == (1, 16, 16, 16)
+
+
+def test_prepared_voxels_keep_a_plain_arrays_grid_and_drop_what_falls_outside():
+    label = torch.zeros(1, 10, 10, 10)
+    kept = prepared_voxels([[1, 2, 3], [9, 9, 9], [10, 0, 0], [-1, 5, 5]], label)
+    assert kept.tolist() == [[1, 2, 3], [9, 9, 9]]
+    assert prepared_voxels(np.zeros((0, 3)), label).shape == (0, 3)
+
+
+def test_training_crops_find_a_hard_negative_through_reorientation_and_resampling(tmp_path):
+    """configs/train.yaml with ``crop_hard_negative_ratio``: the datalist's voxel, in a file stored flipped at
+    0.8 mm, is where the crops go after the preprocessing turns it to RAS at 0.4 mm."""
+    from monai.bundle import ConfigParser
+
+    shape, marker, sac = (40, 24, 20), (3, 4, 4), (34, 19, 15)
+    label = np.zeros(shape, np.uint8)
+    label[marker[0] : marker[0] + 2, marker[1] : marker[1] + 2, marker[2] : marker[2] + 2] = 1
+    label[sac[0] : sac[0] + 2, sac[1] : sac[1] + 2, sac[2] : sac[2] + 2] = 2
+    image = np.where(label > 0, 1000.0, 0.0).astype(np.float32) + np.random.default_rng(0).random(shape)
+    affine = np.diag([-0.8, 0.8, 0.8, 1.0])  # stored right to left: RAS flips the first axis
+    affine[:3, 3] = [20.0, -7.0, 3.0]
+    for name, array in (("image", image), ("label", label)):
+        nib.save(nib.Nifti1Image(array, affine), tmp_path / f"{name}.nii.gz")
+    entry = {
+        "image": "image.nii.gz",
+        "label": "label.nii.gz",
+        "info": {"hard_negatives": [{"centre_voxel": [3, 4, 4]}]},
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [entry]}))
+
+    def crops(hard_negative_ratio):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.yaml"))
+        parser.update(
+            {"bundle_root": str(CONFIGS.parent), "datalist": str(tmp_path / "dataset.json"), "roi_size": [32] * 3,
+             "crop_grid": 8, "crop_ratios": [0, 0, 1], "crop_empty_ratio": 0.0, "samples_per_case": 20,
+             "crop_hard_negative_ratio": hard_negative_ratio}
+        )  # fmt: skip
+        (case,) = parser.get_parsed_content("train#dataset#data")
+        preprocessing = parser.get_parsed_content("train#preprocessing")
+        preprocessing.set_random_state(0)
+        return preprocessing(case)
+
+    on_negatives = crops(1e6)
+    assert on_negatives[0]["label"].shape == (1, 32, 32, 32) and "hard_negatives" not in on_negatives[0]
+    assert all((s["label"] == 1).any() and not (s["label"] == 2).any() for s in on_negatives)
+    on_sac = crops(0.0)  # the sac sits where the marker would be without the flip
+    assert all((s["label"] == 2).any() and not (s["label"] == 1).any() for s in on_sac)

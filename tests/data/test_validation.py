@@ -88,6 +88,24 @@ def test_load_split_keeps_only_what_the_pipeline_reads(tiny_dataset, tmp_path):
     assert set(split) == {"image", "label"}
 
 
+def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
+    entries = json.loads((tiny_dataset / "dataset.json").read_text())
+    entries["training"][0]["info"] = {"hard_negatives": [{"kind": "loop", "centre_voxel": [4, 5, 6]}] * 2}
+    entries["training"].append(dict(entries["validation"][0]))  # no info: none
+    (tmp_path / "dataset.json").write_text(json.dumps(entries))
+    first, second = load_split(
+        str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True
+    )
+    assert first["hard_negatives"].tolist() == [[4, 5, 6], [4, 5, 6]] and second["hard_negatives"].shape == (
+        0,
+        3,
+    )
+    entries["training"][0]["info"]["hard_negatives"] = [{"centre_mm": [1.0, 2.0, 3.0]}]
+    (tmp_path / "dataset.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*centre_voxel"):
+        load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True)
+
+
 def test_inference_inputs(tmp_path):
     with pytest.raises(ValueError, match="input_files"):
         inference_inputs()
