@@ -96,7 +96,11 @@ def bundle_datalist(key: str = "datalist", overrides: dict | None = None) -> str
 
 
 def load_split(
-    datalist: str, key: str, base_dir: str | None = None, hard_negatives: bool = False
+    datalist: str,
+    key: str,
+    base_dir: str | None = None,
+    hard_negatives: bool = False,
+    hard_negative_kinds: list[str] | None = None,
 ) -> list[dict]:
     """``image``/``label`` entries of one split with absolute paths, every referenced file checked to exist.
 
@@ -108,6 +112,7 @@ def load_split(
             of structures that look like an aneurysm and are not, read from the entry's
             ``info.hard_negatives[].centre_voxel`` (the synthetic phantoms write them; K = 0 where an entry has
             none), for :class:`scripts.data.crops.CacheAlignedRandCropByLabelClassesd`. Default False.
+        hard_negative_kinds: only the hard negatives whose ``kind`` is one of these; None: all. Default None.
 
     Raises:
         ValueError: the datalist is unreadable or lacks ``key``, or a hard negative is not 3 integers.
@@ -120,6 +125,13 @@ def load_split(
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read the datalist ({error}).") from error
+    if hard_negative_kinds is not None and not (
+        isinstance(hard_negative_kinds, (list, tuple))
+        and all(isinstance(k, str) for k in hard_negative_kinds)
+    ):
+        raise ValueError(
+            f"hard_negative_kinds must be a list of kind names or None, got {hard_negative_kinds!r}."
+        )
     if key not in raw:
         raise ValueError(f"{path}: no '{key}' list (it has {sorted(raw)}).")
     entries = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=base_dir)
@@ -127,7 +139,7 @@ def load_split(
     # and could not be batched.
     entries = [
         {k: e[k] for k in ("image", "label") if k in e}
-        | ({"hard_negatives": _hard_negatives(e, path)} if hard_negatives else {})
+        | ({"hard_negatives": _hard_negatives(e, path, hard_negative_kinds)} if hard_negatives else {})
         for e in entries
     ]
     for entry in entries:
@@ -138,11 +150,13 @@ def load_split(
     return entries
 
 
-def _hard_negatives(entry: dict, datalist: Path) -> np.ndarray:
-    """(K, 3) int voxel indices of an entry's ``info.hard_negatives[].centre_voxel``; raises ValueError naming
-    the datalist and the entry's label when one is not 3 integers."""
+def _hard_negatives(entry: dict, datalist: Path, kinds: list[str] | None) -> np.ndarray:
+    """(K, 3) int voxel indices of an entry's ``info.hard_negatives[].centre_voxel`` of the given ``kinds``
+    (None: all); raises ValueError naming the datalist and the entry's label when one is not 3 integers."""
     found = []
     for negative in entry.get("info", {}).get("hard_negatives", []):
+        if kinds is not None and isinstance(negative, dict) and negative.get("kind") not in kinds:
+            continue
         voxel = negative.get("centre_voxel") if isinstance(negative, dict) else None
         if not (isinstance(voxel, list) and len(voxel) == 3 and all(type(v) is int for v in voxel)):
             raise ValueError(

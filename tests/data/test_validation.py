@@ -100,6 +100,13 @@ def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
         0,
         3,
     )
+    entries["training"][0]["info"]["hard_negatives"][1] = {"kind": "bump", "centre_voxel": [7, 8, 9]}
+    (tmp_path / "dataset.json").write_text(json.dumps(entries))
+    for kinds, expected in ((["bump"], [[7, 8, 9]]), (["bump", "loop"], [[4, 5, 6], [7, 8, 9]]), ([], [])):
+        first, _ = load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), True, kinds)
+        assert first["hard_negatives"].tolist() == expected
+    with pytest.raises(ValueError, match="hard_negative_kinds"):
+        load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), True, "bump")
     entries["training"][0]["info"]["hard_negatives"] = [{"centre_mm": [1.0, 2.0, 3.0]}]
     (tmp_path / "dataset.json").write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*centre_voxel"):
