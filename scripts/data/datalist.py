@@ -152,9 +152,16 @@ def load_split(
 
 def _hard_negatives(entry: dict, datalist: Path, kinds: list[str] | None) -> np.ndarray:
     """(K, 3) int voxel indices of an entry's ``info.hard_negatives[].centre_voxel`` of the given ``kinds``
-    (None: all); raises ValueError naming the datalist and the entry's label when one is not 3 integers."""
+    (None: all); raises ValueError naming the datalist and the entry's label when ``info`` or its
+    ``hard_negatives`` has the wrong form or a position is not 3 integers."""
+    info = entry.get("info", {})
+    negatives = info.get("hard_negatives", []) if isinstance(info, dict) else None
+    if not isinstance(negatives, list):
+        raise ValueError(
+            f"{datalist}: the 'info' of {entry.get('label')} is not an object with a list 'hard_negatives'."
+        )
     found = []
-    for negative in entry.get("info", {}).get("hard_negatives", []):
+    for negative in negatives:
         if kinds is not None and isinstance(negative, dict) and negative.get("kind") not in kinds:
             continue
         voxel = negative.get("centre_voxel") if isinstance(negative, dict) else None

@@ -107,7 +107,12 @@ def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
         assert first["hard_negatives"].tolist() == expected
     with pytest.raises(ValueError, match="hard_negative_kinds"):
         load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), True, "bump")
-    entries["training"][0]["info"]["hard_negatives"] = [{"centre_mm": [1.0, 2.0, 3.0]}]
+    for info in ("a phantom", {"hard_negatives": {"centre_voxel": [1, 2, 3]}}):
+        entries["training"][0]["info"] = info
+        (tmp_path / "dataset.json").write_text(json.dumps(entries))
+        with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*list 'hard_negatives'"):
+            load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True)
+    entries["training"][0]["info"] = {"hard_negatives": [{"centre_mm": [1.0, 2.0, 3.0]}]}
     (tmp_path / "dataset.json").write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*centre_voxel"):
         load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True)
