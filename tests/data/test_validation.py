@@ -88,34 +88,41 @@ def test_load_split_keeps_only_what_the_pipeline_reads(tiny_dataset, tmp_path):
     assert set(split) == {"image", "label"}
 
 
-def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
+def _with_hard_negatives(tiny_dataset, tmp_path, info) -> str:
+    """tiny_dataset's datalist with ``info`` on its training case and a second training case without any."""
     entries = json.loads((tiny_dataset / "dataset.json").read_text())
-    entries["training"][0]["info"] = {"hard_negatives": [{"kind": "loop", "centre_voxel": [4, 5, 6]}] * 2}
-    entries["training"].append(dict(entries["validation"][0]))  # no info: none
+    entries["training"][0]["info"] = info
+    entries["training"].append(dict(entries["validation"][0]))
     (tmp_path / "dataset.json").write_text(json.dumps(entries))
-    first, second = load_split(
-        str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True
-    )
-    assert first["hard_negatives"].tolist() == [[4, 5, 6], [4, 5, 6]] and second["hard_negatives"].shape == (
-        0,
-        3,
-    )
-    entries["training"][0]["info"]["hard_negatives"][1] = {"kind": "bump", "centre_voxel": [7, 8, 9]}
-    (tmp_path / "dataset.json").write_text(json.dumps(entries))
+    return str(tmp_path / "dataset.json")
+
+
+def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
+    negatives = [{"kind": "loop", "centre_voxel": [4, 5, 6]}, {"kind": "bump", "centre_voxel": [7, 8, 9]}]
+    datalist = _with_hard_negatives(tiny_dataset, tmp_path, {"hard_negatives": negatives})
+    first, second = load_split(datalist, "training", str(tiny_dataset), hard_negatives=True)
+    assert first["hard_negatives"].tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert second["hard_negatives"].shape == (0, 3)  # no info: none
     for kinds, expected in ((["bump"], [[7, 8, 9]]), (["bump", "loop"], [[4, 5, 6], [7, 8, 9]]), ([], [])):
-        first, _ = load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), True, kinds)
+        first, _ = load_split(datalist, "training", str(tiny_dataset), True, kinds)
         assert first["hard_negatives"].tolist() == expected
     with pytest.raises(ValueError, match="hard_negative_kinds"):
-        load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), True, "bump")
-    for info in ("a phantom", {"hard_negatives": {"centre_voxel": [1, 2, 3]}}):
-        entries["training"][0]["info"] = info
-        (tmp_path / "dataset.json").write_text(json.dumps(entries))
-        with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*list 'hard_negatives'"):
-            load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True)
-    entries["training"][0]["info"] = {"hard_negatives": [{"centre_mm": [1.0, 2.0, 3.0]}]}
-    (tmp_path / "dataset.json").write_text(json.dumps(entries))
-    with pytest.raises(ValueError, match=r"dataset.json.*case_000.nii.gz.*centre_voxel"):
-        load_split(str(tmp_path / "dataset.json"), "training", str(tiny_dataset), hard_negatives=True)
+        load_split(datalist, "training", str(tiny_dataset), True, "bump")
+
+
+@pytest.mark.parametrize(
+    "info, problem",
+    [
+        ("a phantom", "list 'hard_negatives'"),
+        ({"hard_negatives": {"centre_voxel": [1, 2, 3]}}, "list 'hard_negatives'"),
+        ({"hard_negatives": [{"centre_mm": [1.0, 2.0, 3.0]}]}, "centre_voxel"),
+        ({"hard_negatives": [{"centre_voxel": [1, 2]}]}, "centre_voxel"),
+    ],
+)
+def test_load_split_names_the_case_of_a_malformed_hard_negative(tiny_dataset, tmp_path, info, problem):
+    datalist = _with_hard_negatives(tiny_dataset, tmp_path, info)
+    with pytest.raises(ValueError, match=rf"dataset.json.*case_000.nii.gz.*{problem}"):
+        load_split(datalist, "training", str(tiny_dataset), hard_negatives=True)
 
 
 def test_inference_inputs(tmp_path):
