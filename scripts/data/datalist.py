@@ -147,6 +147,18 @@ def load_split(
             if field in entry and not Path(entry[field]).is_file():
                 raise FileNotFoundError(f"{path}: '{key}' entry names {entry[field]}, which does not exist.")
     logger.info("%s: %d '%s' cases", path, len(entries), key)
+    if hard_negatives:
+        found = sum(len(entry["hard_negatives"]) for entry in entries)
+        if found:
+            logger.info("%s: %d hard negatives in %d '%s' cases", path, found, len(entries), key)
+        else:  # asked for, none there: the crops centred on them would silently never happen
+            logger.warning(
+                "%s: no '%s' case lists hard negatives%s (info.hard_negatives[].centre_voxel): no crop will be "
+                "centred on one.",
+                path,
+                key,
+                "" if hard_negative_kinds is None else f" of the kinds {list(hard_negative_kinds)}",
+            )
     return entries
 
 

@@ -110,6 +110,18 @@ def test_load_split_gives_the_hard_negatives_on_request(tiny_dataset, tmp_path):
         load_split(datalist, "training", str(tiny_dataset), True, "bump")
 
 
+def test_load_split_warns_when_no_case_has_the_hard_negatives_asked_for(tiny_dataset, tmp_path, caplog):
+    datalist = _with_hard_negatives(
+        tiny_dataset, tmp_path, {"hard_negatives": [{"kind": "loop", "centre_voxel": [1, 2, 3]}]}
+    )
+    with caplog.at_level("WARNING", logger="scripts.data.datalist"):
+        load_split(datalist, "training", str(tiny_dataset), True)
+        assert not caplog.records
+        load_split(datalist, "training", str(tiny_dataset), True, ["bump"])
+    (record,) = caplog.records
+    assert "dataset.json" in record.getMessage() and "['bump']" in record.getMessage()
+
+
 @pytest.mark.parametrize(
     "info, problem",
     [
