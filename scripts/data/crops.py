@@ -10,6 +10,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, SpatialCrop
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import convert_to_numpy
+from nibabel.affines import apply_affine
 from scipy import ndimage
 
 __all__ = [
@@ -108,8 +109,7 @@ def prepared_voxels(voxels: Any, label: Any) -> np.ndarray:
     if "original_affine" in meta and len(points):
         to_world = convert_to_numpy(meta["original_affine"]).astype(float)
         to_voxel = np.linalg.inv(convert_to_numpy(label.affine).astype(float))
-        homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
-        points = (to_voxel @ to_world @ homogeneous.T).T[:, :3]
+        points = apply_affine(to_voxel @ to_world, points)
     points = np.rint(points).astype(int)
     inside = np.all((points >= 0) & (points < np.asarray(label.shape[1:])), axis=1)
     return points[inside]
