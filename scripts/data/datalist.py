@@ -115,7 +115,8 @@ def load_split(
         hard_negative_kinds: only the hard negatives whose ``kind`` is one of these; None: all. Default None.
 
     Raises:
-        ValueError: the datalist is unreadable or lacks ``key``, or a hard negative is not 3 integers.
+        ValueError: the datalist is unreadable or lacks ``key``, ``hard_negative_kinds`` is not a list of names,
+            or a case's ``info.hard_negatives`` is malformed (the message names the datalist and the case).
         FileNotFoundError: an entry names a file that does not exist (the message names both).
     """
     from monai.data import load_decathlon_datalist
