@@ -28,6 +28,7 @@ def resolve_datalist(
     synthetic_training_aneurysms: list[float] | None = None,
     synthetic_training_p_bone: float | None = None,
     synthetic_training_stratified_sizes: bool = False,
+    synthetic_training_overlapping_loops: bool = False,
 ) -> str:
     """Path of the datalist to read, generating the synthetic default dataset when none is given.
 
@@ -38,9 +39,9 @@ def resolve_datalist(
         synthetic_dir: where the synthetic dataset lives (generated once, then reused; in a distributed
             run by rank 0 alone, the other ranks waiting for it).
         synthetic_cases, synthetic_seed, synthetic_centre, synthetic_splits, synthetic_negatives,
-        synthetic_training_aneurysms, synthetic_training_p_bone, synthetic_training_stratified_sizes: how to
-            generate it (see ``scripts.data.synthetic.ensure_dataset``; a dataset there made another way is
-            regenerated).
+        synthetic_training_aneurysms, synthetic_training_p_bone, synthetic_training_stratified_sizes,
+        synthetic_training_overlapping_loops: how to generate it (see ``scripts.data.synthetic.ensure_dataset``;
+            a dataset there made another way is regenerated).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is given but has no datalist.
@@ -70,6 +71,7 @@ def resolve_datalist(
             training_aneurysms=synthetic_training_aneurysms,
             training_p_bone=synthetic_training_p_bone,
             training_stratified_sizes=synthetic_training_stratified_sizes,
+            training_overlapping_loops=synthetic_training_overlapping_loops,
         )
 
 

@@ -131,7 +131,10 @@ def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
 
 
 def generate_geometry(
-    seed: int, centre: str | Centre = "A", size_quantile: float | None = None
+    seed: int,
+    centre: str | Centre = "A",
+    size_quantile: float | None = None,
+    overlapping_loop: bool = False,
 ) -> PhantomGeometry:
     """Draw the geometry of case ``seed`` (tree, aneurysms, hard negatives) without rendering voxels.
 
@@ -140,6 +143,9 @@ def generate_geometry(
         centre: centre name or a :class:`Centre` (e.g. one with a smaller ``shape`` for quick tests).
         size_quantile: if set, the first aneurysm (if any) takes the size at this quantile of the centre's
             size distribution instead of a random one; the tree and the aneurysm count stay as drawn.
+        overlapping_loop: grow the tree so that one of its distal branches coils into a tight, overlapping
+            loop (a sac-like hard negative) where a branch thin enough allows it, whatever its template;
+            otherwise only the random template draws one (in 40 % of its trees).
 
     Returns:
         the geometry ``generate_case(seed, centre)`` renders.
@@ -147,7 +153,7 @@ def generate_geometry(
     style = get_centre(centre)
     rng, _ = _streams(seed)
     extent = (np.asarray(style.shape) - 1) * np.asarray(style.spacing)
-    tree = grow_vessel_tree(rng, extent)
+    tree = grow_vessel_tree(rng, extent, force_overlapping_loop=overlapping_loop)
     count = int(rng.choice(len(style.aneurysm_count_probs), p=style.aneurysm_count_probs))
     aneurysms = place_aneurysms(
         rng,
@@ -226,13 +232,19 @@ def _drop_orphans(label: np.ndarray) -> None:
             logger.debug("dropped an aneurysm fragment that does not touch the vessel")
 
 
-def generate_case(seed: int, centre: str | Centre = "A", size_quantile: float | None = None) -> Phantom:
+def generate_case(
+    seed: int,
+    centre: str | Centre = "A",
+    size_quantile: float | None = None,
+    overlapping_loop: bool = False,
+) -> Phantom:
     """Generate one synthetic 3DRA case.
 
     Args:
-        seed: non-negative integer; the case is a deterministic function of ``(seed, centre, size_quantile)``.
+        seed: non-negative integer; the case is a deterministic function of its arguments.
         centre: centre name (``"A"``, ``"B"``, ``"C"``) or a :class:`Centre`.
         size_quantile: the first aneurysm's size quantile (see :func:`generate_geometry`); default random.
+        overlapping_loop: force a tight overlapping loop into the tree (see :func:`generate_geometry`).
 
     Returns:
         the :class:`Phantom` with image (X, Y, Z) float32, label (X, Y, Z) uint8, spacing, affine, info.
@@ -241,7 +253,7 @@ def generate_case(seed: int, centre: str | Centre = "A", size_quantile: float | 
         ValueError: for an unknown centre or a negative seed.
     """
     style = get_centre(centre)
-    geometry = generate_geometry(seed, style, size_quantile)
+    geometry = generate_geometry(seed, style, size_quantile, overlapping_loop)
     _, appearance_rng = _streams(seed)
     label, vessels, sacs = render_labels(geometry)
 
@@ -256,6 +268,8 @@ def generate_case(seed: int, centre: str | Centre = "A", size_quantile: float | 
     info = geometry.info()
     if size_quantile is not None:
         info["first_aneurysm_size_quantile"] = float(size_quantile)
+    if overlapping_loop:
+        info["forced_overlapping_loop"] = True
     info["appearance"] = appearance
     counts = np.bincount(label.ravel(), minlength=3)
     info["label_voxels"] = [int(c) for c in counts[:3]]

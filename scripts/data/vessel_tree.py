@@ -289,8 +289,16 @@ class _Heading:
 class _TreeGrower:
     """Grows one tree; holds the random generator and the field of view."""
 
-    def __init__(self, rng: np.random.Generator, extent: np.ndarray, length_budget: float, max_tubes: int):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        extent: np.ndarray,
+        length_budget: float,
+        max_tubes: int,
+        force_overlapping_loop: bool = False,
+    ):
         self.rng = rng
+        self.force_loop = force_overlapping_loop
         self.extent = extent
         self.centre = extent / 2.0
         self.budget = length_budget
@@ -500,7 +508,7 @@ class _TreeGrower:
     def _expand(self, queue: deque) -> None:
         """Branch the tubes in ``queue`` (and their children) by Murray's law while the budget lasts."""
         rng = self.rng
-        overlapping_loop_due = rng.random() < 0.4
+        overlapping_loop_due = rng.random() < 0.4  # the random template's side branches, 40 % of trees
         while queue:
             index = queue.popleft()
             tube = self.tree.tubes[index]
@@ -508,12 +516,15 @@ class _TreeGrower:
             can_split = (
                 self.room() and not self._exited(tube) and tube.radii[-1] >= 0.65 and tube.generation < 4
             )
+            # ``force_overlapping_loop``: every distal branch tries until the tree has one (a loop needs a
+            # vessel of radius <= 1.6 mm where it falls, so a tree can still end without one)
+            forced = self.force_loop and not any(lp.overlapping for lp in self.tree.loops)
             if can_split and rng.random() < 0.9:
-                children.extend(self._bifurcate(index))
+                children.extend(self._bifurcate(index, force_loop=forced))
             for j in self._side_points(index):
                 if not self.room():
                     break
-                child = self._side_branch(index, j, force_loop=overlapping_loop_due)
+                child = self._side_branch(index, j, force_loop=overlapping_loop_due or forced)
                 if child is not None:
                     overlapping_loop_due = overlapping_loop_due and not any(
                         lp.tube == child and lp.overlapping for lp in self.tree.loops
@@ -1062,8 +1073,11 @@ class _TreeGrower:
         direction = unit(direction + 0.4 * rng.standard_normal(3))
         return start, direction, False
 
-    def _bifurcate(self, index: int) -> list[int]:
-        """Murray bifurcation at the end of tube ``index``: returns the two children."""
+    def _bifurcate(self, index: int, force_loop: bool = False) -> list[int]:
+        """Murray bifurcation at the end of tube ``index``: returns the two children.
+
+        With ``force_loop`` the first child tries to coil into a tight overlapping loop (see :meth:`walk`).
+        """
         rng, tube = self.rng, self.tree.tubes[index]
         r0 = float(tube.radii[-1])
         ratio = rng.uniform(0.55, 1.0)
@@ -1096,6 +1110,7 @@ class _TreeGrower:
                 rng.uniform(8.0, 20.0) * np.sqrt(r / 1.2),
                 tortuosity=rng.uniform(0.1, 0.3),
                 steer=rng.random() < 0.75,
+                force_overlapping_loop=force_loop and not children,
             )
             value = float(np.clip(tube.value * rng.uniform(0.95, 1.02), 0.7, 1.05))
             children.append(self.add(res, "branch", tube.generation + 1, value, index, end))
@@ -1182,6 +1197,7 @@ def grow_vessel_tree(
     min_length: float | None = None,
     attempts: int = 5,
     template: str | None = None,
+    force_overlapping_loop: bool = False,
 ) -> VesselTree:
     """Grow one arterial territory in the box ``[0, extent]`` (mm).
 
@@ -1215,7 +1231,7 @@ def grow_vessel_tree(
     need = float(min_length) if min_length is not None else (5.0 if template == "random" else 2.0) * mean
     best, best_length = None, -1.0
     for attempt in range(attempts):
-        grower = _TreeGrower(rng, extent_arr, budget, max_tubes)
+        grower = _TreeGrower(rng, extent_arr, budget, max_tubes, force_overlapping_loop)
         tree = grower.grow(template)
         length = tree.length_inside()
         if length > best_length:
