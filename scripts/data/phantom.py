@@ -92,6 +92,7 @@ class PhantomGeometry:
             "segments": sorted({t.name for t in self.tree.tubes if t.name}),
             "bifurcations": len(self.tree.bifurcations),
             "loops": len(self.tree.loops),
+            "overlapping_loops": sum(loop.overlapping for loop in self.tree.loops),
             "crossings": [round(c.gap_mm, 3) for c in self.tree.crossings],
         }
 

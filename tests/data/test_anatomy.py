@@ -248,6 +248,24 @@ def test_drawn_look_alikes_keep_clear_of_each_other(geometries):
     assert count >= len(geometries)
 
 
+def test_a_forced_overlapping_loop_coils_trees_of_every_template(geometries):
+    """``overlapping_loop=True`` gives most trees a tight loop inside the field of view, the anatomical templates'
+    too (drawn, only the random template's side branches coil so), and is a deterministic function of the seed."""
+
+    def coiled(g) -> bool:
+        return any(loop.overlapping and g.tree.inside(loop.centre) for loop in g.tree.loops)
+
+    forced = [generate_geometry(seed, overlapping_loop=True) for seed in range(N_CASES)]
+    assert [g.tree.template for g in forced] == [g.tree.template for g in geometries]
+    anatomical = ("anterior", "posterior", "mca")
+    for template in anatomical:
+        assert np.mean([coiled(g) for g in forced if g.tree.template == template]) >= 0.4, template
+    assert np.mean([coiled(g) for g in forced if g.tree.template in anatomical]) >= 0.5
+    assert np.mean([coiled(g) for g in geometries if g.tree.template in anatomical]) <= 0.1
+    assert np.mean([coiled(g) for g in forced]) >= 0.6
+    assert generate_geometry(3, overlapping_loop=True).info() == forced[3].info()
+
+
 def test_geometry_is_deterministic():
     a, b = generate_geometry(7), generate_geometry(7)
     assert a.info() == b.info()

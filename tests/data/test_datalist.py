@@ -60,6 +60,7 @@ def test_training_config_passes_every_synthetic_setting(monkeypatch, tmp_path):
         "training_aneurysms": [0.0, 0.5, 0.5],
         "training_p_bone": 0.6,
         "training_stratified_sizes": True,
+        "training_overlapping_loops": True,
     }
     # config key of each ensure_dataset argument: synthetic_<argument>, but synthetic_cases for num_cases
     overrides = {("synthetic_cases" if k == "num_cases" else f"synthetic_{k}"): v for k, v in asked.items()}

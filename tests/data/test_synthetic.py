@@ -122,6 +122,7 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         {"training_aneurysms": (0.0, 0.0, 1.0)},
         {"training_p_bone": 1.0},
         {"training_stratified_sizes": True},
+        {"training_overlapping_loops": True},
         {"generator_version": "0.0.1"},
     ],
     ids=[
@@ -133,6 +134,7 @@ SMALL_A = dataclasses.replace(get_centre("A"), shape=(40, 40, 40))
         "training_aneurysms",
         "training_p_bone",
         "training_stratified_sizes",
+        "training_overlapping_loops",
         "generator_version",
     ],
 )
@@ -172,11 +174,11 @@ def test_interrupted_write_leaves_no_dataset_json(tmp_path, monkeypatch):
     real = synthetic.generate_case
     calls = []
 
-    def flaky(seed, centre="A", size_quantile=None):
+    def flaky(seed, *args, **kwargs):
         calls.append(seed)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(seed, centre, size_quantile)
+        return real(seed, *args, **kwargs)
 
     monkeypatch.setattr(synthetic, "generate_case", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -291,11 +293,35 @@ def test_training_stratified_sizes_spread_the_training_sacs_only(tmp_path):
     assert "training_stratified_sizes" not in plain["synthetic_recipe"]  # as written before the key existed
 
 
+@pytest.mark.parametrize("key", ["training_stratified_sizes", "training_overlapping_loops"])
 @pytest.mark.parametrize("value", ["True", "false", 1, None])
-def test_training_stratified_sizes_refuses_anything_but_a_boolean(tmp_path, value):
-    with pytest.raises(ValueError, match=f"training_stratified_sizes must be True or False, got {value!r}"):
-        ensure_dataset(str(tmp_path), num_cases=3, centre=SMALL_A, training_stratified_sizes=value)
+def test_boolean_recipe_settings_refuse_anything_but_a_boolean(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"{key} must be True or False, got {value!r}"):
+        ensure_dataset(str(tmp_path), num_cases=3, centre=SMALL_A, **{key: value})
     assert not (tmp_path / "dataset.json").exists()
+
+
+def test_training_overlapping_loops_coil_the_training_trees_only(tmp_path):
+    """Each training phantom with vessels is grown with a forced overlapping loop, and most trees get one; the
+    validation and test phantoms are those of the plain recipe (full-size phantoms: a 16 mm field of view has
+    little room for a loop)."""
+    asked = {"num_cases": 9, "seed": 0, "centre": "A", "splits": (7, 1, 1), "negatives": 1}
+    written = json.loads(
+        Path(write_dataset(str(tmp_path), training_overlapping_loops=True, **asked)).read_text()
+    )
+    plain = json.loads(Path(write_dataset(str(tmp_path / "plain"), **asked)).read_text())
+    with_vessels = written["training"][:-1]
+    assert all(e["info"].get("forced_overlapping_loop") for e in with_vessels)
+    assert not any("forced_overlapping_loop" in e["info"] for e in plain["training"])
+    coiled = [e["info"]["overlapping_loops"] > 0 for e in with_vessels]
+    drawn = [e["info"]["overlapping_loops"] > 0 for e in plain["training"][:-1]]
+    assert sum(coiled) >= len(coiled) // 2 > sum(drawn), (coiled, drawn)
+    for key in ("validation", "test"):
+        assert [e["info"] for e in written[key]] == [e["info"] for e in plain[key]]
+    vessel_free = written["training"][-1]["info"]
+    assert vessel_free["background_only"] and "forced_overlapping_loop" not in vessel_free
+    assert written["synthetic_recipe"]["training_overlapping_loops"] is True
+    assert "training_overlapping_loops" not in plain["synthetic_recipe"]  # as written before the key existed
 
 
 @pytest.mark.parametrize(
