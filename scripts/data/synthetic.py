@@ -531,7 +531,10 @@ def _written_recipe(json_path: str) -> dict[str, Any] | None:
 
 def _recipe_changes(old: dict[str, Any], recipe: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (old value, asked value)}`` for every recipe entry that differs, centre settings as ``centre.K``."""
-    changed = {k: (old.get(k), recipe[k]) for k in recipe if k != "centre" and old.get(k) != recipe[k]}
+    keys = [
+        k for k in {**old, **recipe} if k != "centre"
+    ]  # a setting recorded only when on may be in one alone
+    changed = {k: (old.get(k), recipe.get(k)) for k in keys if old.get(k) != recipe.get(k)}
     old_centre = old.get("centre") or {}
     changed |= {
         f"centre.{k}": (old_centre.get(k), v) for k, v in recipe["centre"].items() if old_centre.get(k) != v

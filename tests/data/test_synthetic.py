@@ -154,6 +154,17 @@ def test_ensure_dataset_regenerates_when_the_recipe_differs(tmp_path, caplog, mo
     assert sum(len(written[k]) for k in KEYS) == asked["num_cases"]
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_the_regeneration_warning_names_a_setting_turned_on_or_off(tmp_path, caplog, first):
+    """Settings recorded only when on are named whichever way they changed."""
+    asked = {"num_cases": 3, "seed": 1, "centre": SMALL_A, "splits": (2, 0, 1)}
+    ensure_dataset(str(tmp_path), training_stratified_sizes=first, **asked)
+    with caplog.at_level("WARNING", logger="scripts.data.synthetic"):
+        ensure_dataset(str(tmp_path), training_stratified_sizes=not first, **asked)
+    was, asked_now = (True, None) if first else (None, True)
+    assert f"'training_stratified_sizes': ({was}, {asked_now})" in caplog.text
+
+
 def test_ensure_dataset_never_overwrites_a_foreign_datalist(tmp_path):
     foreign = {"training": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}
     (tmp_path / "dataset.json").write_text(json.dumps(foreign))
