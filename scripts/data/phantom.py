@@ -146,7 +146,7 @@ def generate_geometry(
             size distribution instead of a random one; the tree and the aneurysm count stay as drawn.
         overlapping_loop: grow the tree so that one of its distal branches coils into a tight, overlapping
             loop (a sac-like hard negative) where a branch thin enough allows it, whatever its template;
-            otherwise only the random template draws one (in 40 % of its trees).
+            otherwise only the random template tries one (on its side branches, in 40 % of its trees).
 
     Returns:
         the geometry ``generate_case(seed, centre)`` renders.

@@ -531,9 +531,8 @@ def _written_recipe(json_path: str) -> dict[str, Any] | None:
 
 def _recipe_changes(old: dict[str, Any], recipe: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (old value, asked value)}`` for every recipe entry that differs, centre settings as ``centre.K``."""
-    keys = [
-        k for k in {**old, **recipe} if k != "centre"
-    ]  # a setting recorded only when on may be in one alone
+    # a setting recorded only when on may be in one of the two alone
+    keys = [k for k in {**old, **recipe} if k != "centre"]
     changed = {k: (old.get(k), recipe.get(k)) for k in keys if old.get(k) != recipe.get(k)}
     old_centre = old.get("centre") or {}
     changed |= {
