@@ -296,12 +296,18 @@ def test_training_stratified_sizes_spread_the_training_sacs_only(tmp_path):
             for d in entry["aneurysm_diameters_mm"]
         ), (wanted, entry["aneurysm_diameters_mm"])
     plain = json.loads(Path(write_dataset(str(tmp_path / "plain"), **asked)).read_text())
+    assert_only_training_changed(written, plain, "training_stratified_sizes", "first_aneurysm_size_quantile")
+
+
+def assert_only_training_changed(written: dict, plain: dict, setting: str, info_key: str) -> None:
+    """Validation and test phantoms are the plain recipe's, the vessel-free training case (the last) has no
+    ``info_key``, and ``setting`` is in the recipe only when on."""
     for key in ("validation", "test"):
         assert [e["info"] for e in written[key]] == [e["info"] for e in plain[key]]
     vessel_free = written["training"][-1]["info"]
-    assert vessel_free["background_only"] and "first_aneurysm_size_quantile" not in vessel_free
-    assert written["synthetic_recipe"]["training_stratified_sizes"] is True
-    assert "training_stratified_sizes" not in plain["synthetic_recipe"]  # as written before the key existed
+    assert vessel_free["background_only"] and info_key not in vessel_free
+    assert written["synthetic_recipe"][setting] is True
+    assert setting not in plain["synthetic_recipe"]  # as written before the key existed
 
 
 @pytest.mark.parametrize("key", ["training_stratified_sizes", "training_overlapping_loops"])
@@ -327,12 +333,7 @@ def test_training_overlapping_loops_coil_the_training_trees_only(tmp_path):
     coiled = [e["info"]["overlapping_loops"] > 0 for e in with_vessels]
     drawn = [e["info"]["overlapping_loops"] > 0 for e in plain["training"][:-1]]
     assert sum(coiled) >= len(coiled) // 2 > sum(drawn), (coiled, drawn)
-    for key in ("validation", "test"):
-        assert [e["info"] for e in written[key]] == [e["info"] for e in plain[key]]
-    vessel_free = written["training"][-1]["info"]
-    assert vessel_free["background_only"] and "forced_overlapping_loop" not in vessel_free
-    assert written["synthetic_recipe"]["training_overlapping_loops"] is True
-    assert "training_overlapping_loops" not in plain["synthetic_recipe"]  # as written before the key existed
+    assert_only_training_changed(written, plain, "training_overlapping_loops", "forced_overlapping_loop")
 
 
 @pytest.mark.parametrize(
