@@ -129,7 +129,7 @@ def write_dataset(
             Trees, counts and appearance stay as drawn.
         training_overlapping_loops: grow every training phantom's tree with one tight, overlapping loop (a
             sac-like hard negative) on a distal branch where one thin enough allows it, whatever its template
-            (otherwise only the random template draws one, in 40 % of its trees: 3 of the default 32 training
+            (otherwise only the random template tries one, in 40 % of its trees: 3 of the default 28 training
             phantoms with vessels have one, 18 with this). Validation and test phantoms keep the drawn trees.
 
     An existing ``dataset.json`` is deleted first, so that an interrupted overwrite cannot leave it
