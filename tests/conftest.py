@@ -71,6 +71,40 @@ def run_workflow(workflow, check_properties: bool = True):
     return workflow
 
 
+@pytest.fixture(scope="session", autouse=True)
+def read_each_config_file_once():
+    """Parse each config file once per test session instead of once per macro.
+
+    MONAI reads and parses a file again for every ``'%file#key'`` macro it resolves: train.yaml's 40 macros
+    into configs/inference.yaml cost about a second of YAML parsing per workflow the suite builds. The cache
+    is keyed on the file's path, size and modification time, so a file a test writes or changes is read
+    again, and each caller gets its own deep copy, as from a fresh read. Subprocesses read files as users'
+    runs do."""
+    import copy
+    import os
+
+    from monai.bundle import ConfigParser
+
+    real = ConfigParser.load_config_file.__func__
+    parsed: dict = {}
+
+    def load_once(cls, filepath, **kwargs):
+        try:
+            stat = os.stat(filepath)
+        except (OSError, TypeError, ValueError):  # MONAI's own error for what it cannot read
+            return real(cls, filepath, **kwargs)
+        if kwargs:
+            return real(cls, filepath, **kwargs)
+        key = (os.path.abspath(filepath), stat.st_size, stat.st_mtime_ns)
+        if key not in parsed:
+            parsed[key] = real(cls, filepath)
+        return copy.deepcopy(parsed[key])
+
+    ConfigParser.load_config_file = classmethod(load_once)
+    yield
+    ConfigParser.load_config_file = classmethod(real)
+
+
 # A DINOv3 ViT small enough for CPU tests: 2 layers, hidden 64, one 64-wide head, 4 registers.
 TINY_DINOV3 = {
     "hidden_size": 64,

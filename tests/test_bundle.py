@@ -680,10 +680,18 @@ def test_inference_mirrors_the_training_model_and_preprocessing():
     assert "@clean_segmentation" in infer["postprocessing"]["transforms"]
 
 
-def test_deep_supervision_key_trains_the_coarser_heads_through_the_configured_loss():
+def test_deep_supervision_key_trains_the_coarser_heads_through_the_configured_loss(tiny_dataset, tmp_path):
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({**TINY, "use_dino": False, "deep_supervision": 1})
+    parser.update(
+        {
+            **TINY,
+            "use_dino": False,
+            "deep_supervision": 1,
+            "bundle_root": str(tmp_path),
+            "dataset_dir": str(tiny_dataset),
+        }
+    )
     network, loss = parser.get_parsed_content("network_def"), parser.get_parsed_content("loss")
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (2, 1, 32, 32, 32), dtype=torch.uint8)
