@@ -12,8 +12,9 @@ The tests mirror the package: ``tests/<subpackage>/test_<module>.py`` tests
 
 Tests of the bundle as a whole: ``test_bundle.py`` (every config), ``test_geometry.py`` (inference and
 evaluation on a scan with a known answer), ``test_public_names.py`` (``__all__``), ``test_style.py`` (ruff),
-``test_mutation_check.py`` (``.ci/mutation_check.py``). Helpers shared by several test modules live here or
-beside them (``tests/networks/profile_cases.py``, ``tests/networks/dinov3_vits16_layout.py``).
+``test_mutation_check.py`` (``.ci/mutation_check.py``), ``test_conftest.py`` (the fixtures here). Helpers shared by
+several test modules live here or beside them (``tests/networks/profile_cases.py``,
+``tests/networks/dinov3_vits16_layout.py``).
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def read_each_config_file_once():
     """Parse each config file once per test session instead of once per macro.
 
     MONAI reads and parses a file again for every ``'%file#key'`` macro it resolves: train.yaml's 40 macros
-    into configs/inference.yaml cost about a second of YAML parsing per workflow the suite builds. The cache
-    is keyed on the file's path, size and modification time, so a file a test writes or changes is read
-    again, and each caller gets its own deep copy, as from a fresh read. Subprocesses read files as users'
-    runs do."""
+    into configs/inference.yaml cost about a second of YAML parsing per workflow the suite builds. The file
+    is still read every time and the cache is keyed on its path and bytes, so a file a test writes or changes
+    is parsed again (a modification time could miss a rewrite within one clock tick), and each caller gets its
+    own deep copy, as from a fresh parse (``tests/test_conftest.py``). Subprocesses read files as users' runs
+    do."""
     import copy
     import os
 
@@ -90,12 +92,12 @@ def read_each_config_file_once():
 
     def load_once(cls, filepath, **kwargs):
         try:
-            stat = os.stat(filepath)
+            content = Path(filepath).read_bytes()
         except (OSError, TypeError, ValueError):  # MONAI's own error for what it cannot read
             return real(cls, filepath, **kwargs)
         if kwargs:
             return real(cls, filepath, **kwargs)
-        key = (os.path.abspath(filepath), stat.st_size, stat.st_mtime_ns)
+        key = (os.path.abspath(filepath), content)
         if key not in parsed:
             parsed[key] = real(cls, filepath)
         return copy.deepcopy(parsed[key])
