@@ -274,8 +274,8 @@ def _copy_tree(dest: Path) -> None:
 
 def _pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
     start = time.perf_counter()
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+    run = subprocess.run(  # -n 0: a mutation's few tests in this process, not in the suite's workers
+        [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
         cwd=tree,
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ several test modules live here or beside them (``tests/networks/profile_cases.py
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,37 @@ def run_workflow(workflow, check_properties: bool = True):
     return workflow
 
 
+MAX_WORKERS = 4  # each worker holds torch, MONAI and the workflows of its tests: up to about 1.5 GiB
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it, else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_per_worker(cpus: int, workers: int) -> int:
+    """Threads each of ``workers`` test processes gets so that together they use ``cpus`` without
+    oversubscribing them (at least one)."""
+    return max(1, cpus // workers)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml's default): one pytest-xdist worker per usable CPU, at most MAX_WORKERS."""
+    return min(usable_cpus(), MAX_WORKERS)
+
+
+def pytest_configure(config):
+    """In a pytest-xdist worker, split the CPUs between the workers: torch in this process and in the processes
+    its tests start gets ``threads_per_worker`` threads instead of one per core each, which would oversubscribe
+    the cores. Set before anything here imports torch, which reads ``OMP_NUM_THREADS`` once, at its import
+    (``tests/test_conftest.py`` checks both)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(usable_cpus(), int(workers)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def read_each_config_file_once():
     """Parse each config file once per test session instead of once per macro.
@@ -83,7 +115,6 @@ def read_each_config_file_once():
     own deep copy, as from a fresh parse (``tests/test_conftest.py``). Subprocesses read files as users' runs
     do."""
     import copy
-    import os
 
     from monai.bundle import ConfigParser
 
