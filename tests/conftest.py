@@ -73,7 +73,7 @@ def run_workflow(workflow, check_properties: bool = True):
     return workflow
 
 
-MAX_WORKERS = 4  # each worker holds torch, MONAI and the workflows of its tests: up to about 1.5 GiB
+MAX_WORKERS = 4  # each worker holds torch, MONAI and its tests' workflows (the largest process here: 2.5 GiB)
 
 
 def usable_cpus() -> int:

@@ -51,7 +51,7 @@ def test_this_worker_and_the_processes_it_starts_use_their_share_of_the_cpus():
     """The README's test command runs the suite in pytest-xdist workers (pyproject.toml: ``-n auto``)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None:
-        pytest.skip("not run in a pytest-xdist worker (-n 0 or -p no:xdist): no CPUs to split")
+        pytest.skip("not run in a pytest-xdist worker (-n 0): no CPUs to split")
     threads = threads_per_worker(usable_cpus(), int(workers))
     assert torch.get_num_threads() == threads
     started = subprocess.run(
