@@ -122,12 +122,12 @@ def read_each_config_file_once():
     parsed: dict = {}
 
     def load_once(cls, filepath, **kwargs):
+        if kwargs:  # options change the parse: MONAI's own
+            return real(cls, filepath, **kwargs)
         try:
             content = Path(filepath).read_bytes()
         except (OSError, TypeError, ValueError):  # MONAI's own error for what it cannot read
-            return real(cls, filepath, **kwargs)
-        if kwargs:
-            return real(cls, filepath, **kwargs)
+            return real(cls, filepath)
         key = (os.path.abspath(filepath), content)
         if key not in parsed:
             parsed[key] = real(cls, filepath)
