@@ -705,13 +705,15 @@ def test_deep_supervision_key_trains_the_coarser_heads_through_the_configured_lo
 
 @pytest.mark.parametrize("files", [[TRAIN], [TRAIN, str(CONFIGS / "full_schedule.yaml")]])
 def test_crop_weights_reach_the_training_crops(files):
-    """``crop_empty_ratio`` and ``crop_bright_ratio`` set the crops of the CPU default and of the GPU schedule,
-    whose whole augmentation then runs on a case: crops of ``roi_size``, the image kept in [0, 1]."""
+    """``crop_empty_ratio``, ``crop_bright_ratio`` and ``crop_component_classes`` set the crops of the CPU default
+    and of the GPU schedule, whose whole augmentation then runs on a case: crops of ``roi_size``, the image kept in
+    [0, 1]."""
     parser = ConfigParser()
     parser.read_config(files)
-    parser.update({"crop_empty_ratio": 0.25, "crop_bright_ratio": 1.5})
+    parser.update({"crop_empty_ratio": 0.25, "crop_bright_ratio": 1.5, "crop_component_classes": [2]})
     augmentation = parser.get_parsed_content("train#augmentation")
-    assert (augmentation[0].empty_ratio, augmentation[0].bright_ratio) == (0.25, 1.5)
+    crop = augmentation[0]
+    assert (crop.empty_ratio, crop.bright_ratio, crop.component_classes) == (0.25, 1.5, {2})
     generator = torch.Generator().manual_seed(0)
     label = torch.zeros((1, 72, 72, 72), dtype=torch.uint8)
     label[:, 20:50, 30:36, 30:36], label[:, 30:36, 36:42, 30:36] = 1, 2

@@ -149,6 +149,47 @@ def test_in_plane_starts_are_on_the_grid_and_the_slice_axis_start_is_free(slice_
     assert all(s["label"].shape == (1, *roi) for s in samples)
 
 
+def _two_sacs() -> np.ndarray:
+    """A vessel with a 1000-voxel sac at one end, two cubes that touch only at an edge (one component, 26-
+    connected), and an 8-voxel sac at the other, 40 voxels apart."""
+    label = np.zeros((64, 24, 24), np.uint8)
+    label[:, 10:13, 10:13] = 1
+    label[2:12, 13:18, 7:17] = 2
+    label[2:12, 18:23, 17:22] = 2
+    label[52:54, 13:15, 10:12] = 2
+    return label
+
+
+@pytest.mark.parametrize("component_classes, expect_share", [((), (0.0, 0.05)), ([2], (0.4, 0.6))])
+def test_component_classes_give_a_small_aneurysm_as_many_crops_as_a_large_one(
+    component_classes, expect_share
+):
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["label"], "label", (16, 16, 16), ratios=[0, 0, 1], num_samples=200, grid=1,
+        component_classes=component_classes,
+    )  # fmt: skip
+    crop.set_random_state(0)
+    starts = np.array(crop.randomize(_two_sacs()))
+    small = (starts[:, 0] <= 52) & (starts[:, 0] + 16 > 53)  # the crop holds the small sac
+    assert (
+        expect_share[0] <= small.mean() <= expect_share[1]
+    )  # by voxels 8 / 1008; by sacs 1 / 2 (6-connected 1 / 3)
+
+
+def test_component_classes_are_checked():
+    for bad in ("2", [True], [3], [-1], [2.0], None):
+        with pytest.raises(ValueError, match="component_classes"):
+            CacheAlignedRandCropByLabelClassesd(
+                ["label"], "label", (8, 8, 8), ratios=[1, 1, 1], component_classes=bad
+            )
+    crop = CacheAlignedRandCropByLabelClassesd(
+        ["label"], "label", (16, 16, 16), ratios=[0, 1, 1], num_samples=20, component_classes=[2]
+    )
+    crop.set_random_state(0)  # a case without an aneurysm: crops on the vessel
+    vessel_only = np.where(_two_sacs() == 2, 0, _two_sacs())
+    assert all((s["label"] == 1).any() for s in crop({"label": torch.as_tensor(vessel_only[None])}))
+
+
 HARD_NEGATIVE = (6, 5, 27)  # on _label()'s vessel, beyond a 16-voxel crop's reach from its aneurysm (z 10-13)
 
 
