@@ -7,7 +7,16 @@ two equal.
 
 from __future__ import annotations
 
-__all__ = ["ANEURYSM_LABEL", "BACKGROUND_LABEL", "LABEL_NAMES", "NUM_CLASSES", "VESSEL_LABEL"]
+import numpy as np
+
+__all__ = [
+    "ANEURYSM_LABEL",
+    "BACKGROUND_LABEL",
+    "COMPONENT_CONNECTIVITY",
+    "LABEL_NAMES",
+    "NUM_CLASSES",
+    "VESSEL_LABEL",
+]
 
 BACKGROUND_LABEL = 0
 VESSEL_LABEL = 1
@@ -19,3 +28,6 @@ LABEL_NAMES: dict[int, str] = {
     ANEURYSM_LABEL: "aneurysm",
 }
 NUM_CLASSES = len(LABEL_NAMES)
+# one structure (one aneurysm, one false component) is a 26-connected set of voxels of its label: the detection
+# metric, the measurements, the post-processing and the training crops all count components with this
+COMPONENT_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)

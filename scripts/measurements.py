@@ -89,7 +89,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from scripts.atomic_io import write_atomically
-from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, COMPONENT_CONNECTIVITY, VESSEL_LABEL
 
 __all__ = [
     "COORDINATE_SYSTEM",
@@ -126,7 +126,6 @@ RUN_TABLE_COLUMNS: tuple[str, ...] = (
 """The run table's first columns, in this order; any further keys of the rows follow in the order they
 first appear. Empty cells are None values (no neck)."""
 
-_COMPONENT_STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as metrics and post-processing
 # Below this many points the pairwise maximum is computed directly; above, over the convex hull's vertices.
 _DIRECT_POINTS = 512
 # Rows of the pairwise distance matrix held at once (memory: rows x points x 3 doubles).
@@ -394,7 +393,7 @@ def measure_aneurysms(label: np.ndarray, affine: np.ndarray) -> list[AneurysmMea
     matrix = _check_affine(affine)
     # one background voxel around the volume, so every padded bounding box below lies inside the array
     padded = np.pad(array, 1)
-    components, count = ndimage.label(padded == ANEURYSM_LABEL, structure=_COMPONENT_STRUCTURE)
+    components, count = ndimage.label(padded == ANEURYSM_LABEL, structure=COMPONENT_CONNECTIVITY)
     measured = []
     for number, box in enumerate(ndimage.find_objects(components), start=1):
         box = tuple(slice(s.start - 1, s.stop + 1) for s in box)
@@ -429,7 +428,7 @@ def aneurysm_components(
     """
     measurements = measure_aneurysms(label, affine)
     array, matrix = _check_label(label), _check_affine(affine)
-    components, count = ndimage.label(array == ANEURYSM_LABEL, structure=_COMPONENT_STRUCTURE)
+    components, count = ndimage.label(array == ANEURYSM_LABEL, structure=COMPONENT_CONNECTIVITY)
     voxels, centres = np.zeros(count, dtype=np.int64), np.zeros((count, 3))
     for number, box in enumerate(ndimage.find_objects(components), start=1):
         inside = np.argwhere(components[box] == number)  # (n, 3) voxel indices within the box

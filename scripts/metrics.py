@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, LABEL_NAMES, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, COMPONENT_CONNECTIVITY, LABEL_NAMES, VESSEL_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ STATUSES: tuple[str, ...] = ("present", "missed", "spurious", "both_empty")
 
 # 6-connectivity defines the surface; 26-connectivity defines aneurysm components.
 _SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)
-_COMPONENT_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 # Voxels of margin around the union of both masks when cropping before the distance transforms. The
 # result is exact for any margin >= 0 (see ``_crop_box``); one voxel keeps the surfaces visibly inside.
 _CROP_MARGIN = 1
@@ -342,8 +341,8 @@ def detection_counts(
     if box is None:
         return counts
     pred_mask, true_mask = pred_mask[box], true_mask[box]
-    true_cc, n_true = ndimage.label(true_mask, structure=_COMPONENT_STRUCTURE)
-    pred_cc, n_pred = ndimage.label(pred_mask, structure=_COMPONENT_STRUCTURE)
+    true_cc, n_true = ndimage.label(true_mask, structure=COMPONENT_CONNECTIVITY)
+    pred_cc, n_pred = ndimage.label(pred_mask, structure=COMPONENT_CONNECTIVITY)
     is_hit = np.zeros(n_true + 1, dtype=bool)
     is_hit[true_cc[pred_mask]] = True
     is_hit[0] = False

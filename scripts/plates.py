@@ -30,14 +30,12 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, COMPONENT_CONNECTIVITY, VESSEL_LABEL
 from scripts.postprocessing import as_label_and_image, labels_and_image_of, spacing_of, with_labels
 
 __all__ = ["PlateMeasure", "RemovePlatesd", "hessian_eigenvalues", "remove_plates"]
 
 logger = logging.getLogger(__name__)
-
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def hessian_eigenvalues(
@@ -111,7 +109,7 @@ class PlateMeasure:
         sheet[self.vessel] = np.logical_and.reduce(
             [_is_sheet(eigenvalues, max_ratio, min_strength) for eigenvalues in self.eigenvalues]
         )
-        regions, count = ndimage.label(sheet, _CONNECTIVITY)
+        regions, count = ndimage.label(sheet, COMPONENT_CONNECTIVITY)
         volumes = np.bincount(regions.ravel(), minlength=count + 1)[1:] * float(np.prod(self.spacing))
         plates = np.isin(regions, 1 + np.flatnonzero(volumes >= min_mm3))
         out[plates] = BACKGROUND_LABEL
@@ -125,12 +123,12 @@ class PlateMeasure:
 def _remove_aneurysms_on(plates: np.ndarray, out: np.ndarray, ratio: float) -> None:
     """Set to background, in ``out``, the aneurysm components whose border touches at least ``ratio`` times as
     many voxels of ``plates`` (the vessel labels just removed) as of vessel labels."""
-    components, _ = ndimage.label(out == ANEURYSM_LABEL, _CONNECTIVITY)
+    components, _ = ndimage.label(out == ANEURYSM_LABEL, COMPONENT_CONNECTIVITY)
     on_plates = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         component = components[box] == index
-        border = ndimage.binary_dilation(component, _CONNECTIVITY) & ~component
+        border = ndimage.binary_dilation(component, COMPONENT_CONNECTIVITY) & ~component
         plate, vessel = int(plates[box][border].sum()), int((out[box][border] == VESSEL_LABEL).sum())
         if plate > 0 and plate >= ratio * vessel:
             on_plates.append(index)

@@ -45,7 +45,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, COMPONENT_CONNECTIVITY, VESSEL_LABEL
 from scripts.measurements import aneurysm_components
 
 __all__ = [
@@ -62,8 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as the detection metric counts
 
 
 def clean_segmentation(
@@ -104,7 +102,7 @@ def clean_segmentation(
     voxel_mm3 = float(np.prod(spacing))
     out = label.copy()
     if min_component_mm3 > 0 or min_component_fraction > 0:
-        components, count = ndimage.label(out > 0, structure=_CONNECTIVITY)
+        components, count = ndimage.label(out > 0, structure=COMPONENT_CONNECTIVITY)
         sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3
         sizes[0] = 0.0
         small = (sizes < min_component_mm3) | (sizes < min_component_fraction * sizes.max())
@@ -125,8 +123,8 @@ def _relabel_detached_and_small(
 ) -> None:
     """The detached and small aneurysm rules of :func:`clean_segmentation`, in place."""
     aneurysm = out == ANEURYSM_LABEL
-    components, count = ndimage.label(aneurysm, structure=_CONNECTIVITY)
-    near_vessel = ndimage.binary_dilation(out == VESSEL_LABEL, structure=_CONNECTIVITY)
+    components, count = ndimage.label(aneurysm, structure=COMPONENT_CONNECTIVITY)
+    near_vessel = ndimage.binary_dilation(out == VESSEL_LABEL, structure=COMPONENT_CONNECTIVITY)
     touching = np.zeros(count + 1, dtype=bool)
     touching[np.unique(components[near_vessel & aneurysm])] = True
     sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_mm3

@@ -13,6 +13,8 @@ from monai.utils import convert_to_numpy
 from nibabel.affines import apply_affine
 from scipy import ndimage
 
+from scripts.labels import COMPONENT_CONNECTIVITY
+
 __all__ = [
     "CacheAlignedRandCropByLabelClassesd",
     "aligned_starts",
@@ -227,7 +229,7 @@ class CacheAlignedRandCropByLabelClassesd(Randomizable, MapTransform, MultiSampl
         chances: dict[int, np.ndarray] = {}
         for c in self.component_classes:
             if members[c] is not None and members[c].size:
-                components, count = ndimage.label(label == c, structure=np.ones((3, 3, 3)))
+                components, count = ndimage.label(label == c, structure=COMPONENT_CONNECTIVITY)
                 ids = components.reshape(-1)[members[c]]
                 chances[c] = 1.0 / (count * np.bincount(ids)[ids])
         if self.bright_ratio > 0:  # the hard negatives, centred like one more class

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, LABEL_NAMES, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, BACKGROUND_LABEL, COMPONENT_CONNECTIVITY, LABEL_NAMES, VESSEL_LABEL
 
 from .appearance import render_intensity
 from .centres import Centre, get_centre
@@ -224,8 +224,8 @@ def _drop_orphans(label: np.ndarray) -> None:
         return
     crop = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box[0])
     sub = label[crop]
-    components, count = ndimage.label(sub == ANEURYSM_LABEL, structure=np.ones((3, 3, 3)))
-    near_vessel = ndimage.binary_dilation(sub == VESSEL_LABEL, structure=np.ones((3, 3, 3)))
+    components, count = ndimage.label(sub == ANEURYSM_LABEL, structure=COMPONENT_CONNECTIVITY)
+    near_vessel = ndimage.binary_dilation(sub == VESSEL_LABEL, structure=COMPONENT_CONNECTIVITY)
     touching = set(np.unique(components[near_vessel & (components > 0)]).tolist())
     for index in range(1, count + 1):
         if index not in touching:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from scripts.labels import ANEURYSM_LABEL, VESSEL_LABEL
+from scripts.labels import ANEURYSM_LABEL, COMPONENT_CONNECTIVITY, VESSEL_LABEL
 
 __all__ = [
     "COMPARISON_GAP",
@@ -379,7 +379,7 @@ def _draw_number(draw, voxel, text, spacing, shape, panels, gap, scale) -> None:
 
 def _focus(label: np.ndarray) -> tuple[int, int, int]:
     """Voxel index of the centroid of the largest aneurysm component, else the volume centre."""
-    components, count = ndimage.label(label == ANEURYSM_LABEL, structure=np.ones((3, 3, 3)))
+    components, count = ndimage.label(label == ANEURYSM_LABEL, structure=COMPONENT_CONNECTIVITY)
     if count == 0:
         return tuple(int(n // 2) for n in label.shape)
     sizes = np.bincount(components.ravel())[1:]
