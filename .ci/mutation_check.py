@@ -108,7 +108,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "detection_4_connected",
         "scripts/metrics.py",
-        "true_cc, n_true = ndimage.label(true_mask, structure=_COMPONENT_STRUCTURE)",
+        "true_cc, n_true = ndimage.label(true_mask, structure=COMPONENT_CONNECTIVITY)",
         "true_cc, n_true = ndimage.label(true_mask)",
         (_METRICS,),
     ),
