@@ -81,7 +81,7 @@ SIZE_BINS: tuple[tuple[str, str, float, float], ...] = (
 STATUSES: tuple[str, ...] = ("present", "missed", "spurious", "both_empty")
 """Per-class case status; record key ``f"{class_name}_status"``."""
 
-# 6-connectivity defines the surface; 26-connectivity defines aneurysm components.
+# 6-connectivity defines the surface; aneurysm components are scripts.labels.COMPONENT_CONNECTIVITY's (26).
 _SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)
 # Voxels of margin around the union of both masks when cropping before the distance transforms. The
 # result is exact for any margin >= 0 (see ``_crop_box``); one voxel keeps the surfaces visibly inside.
