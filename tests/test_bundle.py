@@ -69,6 +69,21 @@ def test_training_writes_final_best_and_resumable_checkpoints(trained):
     assert list((trained / "outputs" / "tensorboard").iterdir())
 
 
+def test_tensorboard_has_each_epochs_own_cache_hit_rates(trained):
+    """The hit rates are in the epoch's metrics before the stats handlers write them: after one epoch (validated)
+    TensorBoard holds both rates at step 1, not nothing (or, in later epochs, the epoch before's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {}
+    for events in (trained / "outputs" / "tensorboard").iterdir():
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
+    assert steps.get("train_cache_hit_rate") == [1]
+    assert steps.get("validation_cache_hit_rate") == [1]
+
+
 # 16^3 windows for tests of what does not depend on the window (resuming, the network a command line builds):
 # the U-Net and the shape prior cost about a quarter of what they do at 32^3
 SMALL_ROI = [16, 16, 16]
