@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.data.utils import set_rnd
+from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImage
 
@@ -30,6 +31,7 @@ __all__ = [
     "EmbeddingCacheStats",
     "FinalModelSaver",
     "FinalValidation",
+    "GradientNorm",
     "ProgressLogger",
     "ResumableCheckpoint",
     "ResumeFrom",
@@ -118,6 +120,78 @@ class EmbeddingCacheStats:
             "%s epoch %d: slice-embedding cache hit rate %.1f%% (%d memory, %d disk hits, %d slices encoded)",
             self.name, engine.state.epoch, 100 * rate, self.counts["memory_hits"], self.counts["disk_hits"],
             self.counts["misses"],
+        )  # fmt: skip
+
+
+class GradientNorm:
+    """Measure the gradient's norm at every training step and, with ``max_norm``, clip it there (nnU-Net: 12).
+
+    Runs on MONAI's ``IterationEvents.BACKWARD_COMPLETED``, between the backward pass and the optimizer step,
+    on the global L2 norm over the trained parameters (frozen ones have no gradient). Under CUDA amp the
+    gradients are unscaled first (``GradScaler.unscale_``), so the norm and the bound are in the loss's own
+    units; a step whose gradient is not finite is left to the scaler, which skips it. Each epoch's median
+    and largest norm and the share of steps clipped go into the engine's metrics (``grad_norm_median``,
+    ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log them, and into the log.
+    Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every rank
+    clips the same.
+
+    Args:
+        max_norm: the largest global gradient norm a step may take, or None to measure only.
+
+    Raises:
+        ValueError: ``max_norm`` is not None or a positive finite number; at attach, an engine accumulating
+            gradients over several iterations (clipping there would need the norm of the sum).
+    """
+
+    def __init__(self, max_norm: float | None = None) -> None:
+        if max_norm is not None and (
+            isinstance(max_norm, bool)
+            or not isinstance(max_norm, (int, float))
+            or not 0 < max_norm < float("inf")
+        ):
+            raise ValueError(f"grad_clip_norm must be None or a positive finite number, got {max_norm!r}.")
+        self.max_norm = max_norm
+
+    def attach(self, engine: Engine) -> None:
+        if getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError(
+                f"GradientNorm measures and clips each iteration's gradient, but the trainer accumulates "
+                f"{engine.accumulation_steps} iterations per step."
+            )
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._measure)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.norms: list[float] = []
+        self.clipped = 0
+
+    def _measure(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        parameters = [p for p in engine.network.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        norm = float(total)
+        if not np.isfinite(norm):
+            return
+        self.norms.append(norm)
+        if self.max_norm is not None and norm > self.max_norm:
+            torch.nn.utils.clip_grads_with_norm_(parameters, self.max_norm, total)
+            self.clipped += 1
+
+    def _report(self, engine: Engine) -> None:
+        if not self.norms:
+            return
+        median, largest = float(np.median(self.norms)), max(self.norms)
+        share = self.clipped / len(self.norms)
+        engine.state.metrics.update(grad_norm_median=median, grad_norm_max=largest, grad_clipped=share)
+        bound = (
+            "not clipped" if self.max_norm is None else f"{share:.0%} of steps clipped to {self.max_norm:g}"
+        )
+        logger.info(
+            "epoch %d gradient norm: median %.3g, max %.3g over %d steps, %s", engine.state.epoch, median,
+            largest, len(self.norms), bound,
         )  # fmt: skip
 
 

@@ -82,6 +82,19 @@ def test_tensorboard_has_each_epochs_own_cache_hit_rates(trained):
             steps.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
     assert steps.get("train_cache_hit_rate") == [1]
     assert steps.get("validation_cache_hit_rate") == [1]
+    assert steps.get("grad_norm_median") == [1]  # measured by default, nothing clipped
+    assert steps.get("grad_clipped") == [1]
+
+
+@pytest.mark.parametrize("value", [12, 0.5])
+def test_grad_clip_norm_from_the_command_line_bounds_the_training_steps(value):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "grad_clip_norm": value})
+    (clipper,) = [
+        h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "GradientNorm"
+    ]
+    assert clipper.max_norm == value
 
 
 # 16^3 windows for tests of what does not depend on the window (resuming, the network a command line builds):

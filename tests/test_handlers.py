@@ -17,6 +17,7 @@ from monai.transforms import Randomizable
 from scripts.embedding_cache import SliceEmbeddingCache
 from scripts.handlers import (
     EmbeddingCacheStats,
+    GradientNorm,
     ResumableCheckpoint,
     ResumeFrom,
     SeedEachEpoch,
@@ -267,3 +268,116 @@ def test_resume_from_a_checkpoint_without_the_weight_average_names_the_file_and_
     ) as error:
         engine.run(BATCHES, max_epochs=2)
     assert "weight_average" in str(error.value)
+
+
+LR = 0.1
+
+
+def clipped_trainer(max_norm: float | None, accumulation_steps: int = 1, loss_scale: float | None = None):
+    """A MONAI ``SupervisedTrainer`` taking plain SGD steps on a 3 -> 2 linear model with a frozen
+    bias, a :class:`GradientNorm` attached; also the model and the raw gradients of each step. With
+    ``loss_scale``, its amp path with a gradient scaler of that (fixed) scale, as on CUDA."""
+    from monai.engines import SupervisedTrainer
+    from monai.engines.utils import IterationEvents
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    # a small input, whose step stays under a bound the two large ones go over
+    data = [{"image": torch.randn(4, 3) * scale, "label": torch.randn(4, 2)} for scale in (0.1, 3, 3)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=model,
+        optimizer=torch.optim.SGD([model.weight], lr=LR),
+        loss_function=torch.nn.MSELoss(),
+        accumulation_steps=accumulation_steps,
+    )
+    if loss_scale is not None:  # MONAI's Trainer.run makes its (CUDA) scaler: replaced as the run starts
+
+        def cpu_scaler(engine) -> None:
+            engine.scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale, growth_interval=1000)
+
+        trainer.amp = True
+        trainer.add_event_handler(Events.STARTED, cpu_scaler)
+    raw: list[torch.Tensor] = []
+    # attached before the clipper, so it sees each step's gradient as the backward pass left it
+    trainer.add_event_handler(
+        IterationEvents.BACKWARD_COMPLETED, lambda _: raw.append(model.weight.grad.clone())
+    )
+    GradientNorm(max_norm).attach(trainer)
+    return trainer, model, raw
+
+
+def weights_each_step(trainer, model) -> list[torch.Tensor]:
+    weights = [model.weight.detach().clone()]
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda _: weights.append(model.weight.detach().clone())
+    )
+    trainer.run()
+    return weights
+
+
+def test_gradient_norm_measured_only_leaves_the_steps_as_they_are(caplog):
+    trainer, model, raw = clipped_trainer(None)
+    with caplog.at_level(logging.INFO, logger="scripts.handlers"):
+        weights = weights_each_step(trainer, model)
+    norms = [float(g.norm()) for g in raw]
+    for before, after, grad in zip(weights[:-1], weights[1:], raw, strict=True):
+        torch.testing.assert_close(after, before.add(grad, alpha=-LR), rtol=0, atol=0)  # as SGD steps
+    metrics = trainer.state.metrics
+    assert metrics["grad_norm_median"] == pytest.approx(float(np.median(norms)))
+    assert metrics["grad_norm_max"] == pytest.approx(max(norms))
+    assert metrics["grad_clipped"] == 0
+    assert "epoch 1 gradient norm: median" in caplog.text and "not clipped" in caplog.text
+
+
+def test_gradient_norm_clips_each_step_above_the_bound_to_it():
+    trainer, model, raw = clipped_trainer(None)
+    weights_each_step(trainer, model)
+    norms = sorted(float(g.norm()) for g in raw)
+    bound = (norms[0] + norms[1]) / 2  # between the two smallest steps'
+    trainer, model, raw = clipped_trainer(bound)
+    weights = weights_each_step(trainer, model)
+    for before, after, grad in zip(weights[:-1], weights[1:], raw, strict=True):
+        scale = min(1.0, bound / float(grad.norm()))
+        torch.testing.assert_close(after, before - LR * grad * scale, rtol=1e-5, atol=1e-6)
+        assert float((before - after).norm()) <= LR * bound * (1 + 1e-5)
+    clipped = [float(g.norm()) > bound for g in raw]
+    assert 0 < sum(clipped) < len(clipped)  # both kinds of step happened
+    assert trainer.state.metrics["grad_clipped"] == pytest.approx(sum(clipped) / len(clipped))
+    largest = max(float(g.norm()) for g in raw)
+    assert largest > bound and trainer.state.metrics["grad_norm_max"] == pytest.approx(
+        largest
+    )  # before clipping
+
+
+@pytest.mark.parametrize("max_norm", [0, -1.0, float("inf"), float("nan"), "12", True])
+def test_gradient_norm_refuses_a_bound_it_cannot_use(max_norm):
+    with pytest.raises(ValueError, match="grad_clip_norm must be None or a positive finite number"):
+        GradientNorm(max_norm)
+
+
+def test_gradient_norm_refuses_accumulated_steps():
+    with pytest.raises(ValueError, match="accumulates 2 iterations per step"):
+        clipped_trainer(1.0, accumulation_steps=2)
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning", "ignore:.*GradScaler:FutureWarning")
+def test_gradient_norm_under_a_gradient_scaler_measures_and_clips_the_unscaled_gradient():
+    trainer, model, raw = clipped_trainer(None)
+    plain = weights_each_step(trainer, model)
+    norms = sorted(float(g.norm()) for g in raw)
+    bound = (norms[0] + norms[1]) / 2
+    trainer, model, _ = clipped_trainer(bound)
+    expected, expected_metrics = weights_each_step(trainer, model), dict(trainer.state.metrics)
+    trainer, model, scaled = clipped_trainer(bound, loss_scale=2.0**10)
+    weights = weights_each_step(trainer, model)
+    assert float(scaled[0].norm()) == pytest.approx(
+        2.0**10 * float(raw[0].norm())
+    )  # the backward pass scaled
+    for actual, wanted in zip(weights, expected, strict=True):
+        torch.testing.assert_close(actual, wanted)
+    assert not torch.allclose(weights[-1], plain[-1])  # clipped
+    assert trainer.state.metrics == pytest.approx(expected_metrics)
