@@ -131,9 +131,9 @@ class GradientNorm:
     gradients are unscaled first (``GradScaler.unscale_``), so the norm and the bound are in the loss's own
     units; a step whose gradient is not finite is left to the scaler, which skips it. Each epoch's median
     and largest norm and the share of steps clipped go into the engine's metrics (``grad_norm_median``,
-    ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log them, and into the log.
-    Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every rank
-    clips the same.
+    ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log them, and into rank 0's
+    log. Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every
+    rank clips the same (attach it on every rank).
 
     Args:
         max_norm: the largest global gradient norm a step may take, or None to measure only.
@@ -186,6 +186,8 @@ class GradientNorm:
         median, largest = float(np.median(self.norms)), max(self.norms)
         share = self.clipped / len(self.norms)
         engine.state.metrics.update(grad_norm_median=median, grad_norm_max=largest, grad_clipped=share)
+        if idist.get_rank() != 0:  # every rank clips; one logs
+            return
         bound = (
             "not clipped" if self.max_norm is None else f"{share:.0%} of steps clipped to {self.max_norm:g}"
         )

@@ -381,3 +381,12 @@ def test_gradient_norm_under_a_gradient_scaler_measures_and_clips_the_unscaled_g
         torch.testing.assert_close(actual, wanted)
     assert not torch.allclose(weights[-1], plain[-1])  # clipped
     assert trainer.state.metrics == pytest.approx(expected_metrics)
+
+
+def test_gradient_norm_is_logged_by_rank_0_only(monkeypatch, caplog):
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    trainer, model, _ = clipped_trainer(None)
+    with caplog.at_level(logging.INFO, logger="scripts.handlers"):
+        weights_each_step(trainer, model)
+    assert "grad_norm_median" in trainer.state.metrics  # measured on every rank
+    assert "gradient norm" not in caplog.text
