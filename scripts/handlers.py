@@ -1,4 +1,5 @@
-"""Ignite handlers the configs attach: progress with ETA, cache hit rates, per-case evaluation, resume."""
+"""Ignite handlers the configs attach: progress with ETA, cache hit rates, gradient norms, per-case evaluation,
+resume."""
 
 from __future__ import annotations
 
@@ -129,10 +130,10 @@ class GradientNorm:
     Runs on MONAI's ``IterationEvents.BACKWARD_COMPLETED``, between the backward pass and the optimizer step,
     on the global L2 norm over the trained parameters (frozen ones have no gradient). Under CUDA amp the
     gradients are unscaled first (``GradScaler.unscale_``), so the norm and the bound are in the loss's own
-    units; a step whose gradient is not finite is left to the scaler, which skips it. Each epoch's median
-    and largest norm and the share of steps clipped go into the engine's metrics (``grad_norm_median``,
-    ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log them, and into rank 0's
-    log. Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every
+    units; a step whose gradient is not finite is neither counted nor clipped (under amp the scaler skips
+    it). Each epoch's median and largest norm and the share of steps clipped go into the engine's metrics
+    (``grad_norm_median``, ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log
+    them, and into rank 0's log. Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every
     rank clips the same (attach it on every rank).
 
     Args:
