@@ -133,8 +133,8 @@ class GradientNorm:
     units; a step whose gradient is not finite is neither counted nor clipped (under amp the scaler skips
     it). Each epoch's median and largest norm and the share of steps clipped go into the engine's metrics
     (``grad_norm_median``, ``grad_norm_max``, ``grad_clipped``), so the stats handlers attached after it log
-    them, and into rank 0's log. Under ``DistributedDataParallel`` the gradients are averaged over ranks before this runs, so every
-    rank clips the same (attach it on every rank).
+    them, and into rank 0's log. Under ``DistributedDataParallel`` the gradients are averaged over ranks
+    before this runs, so every rank clips the same (attach it on every rank).
 
     Args:
         max_norm: the largest global gradient norm a step may take, or None to measure only.
