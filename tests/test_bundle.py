@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_n
 from monai.transforms import Compose
 from PIL import Image
 
+from scripts.handlers import GradientNorm
 from scripts.labels import LABEL_NAMES, NUM_CLASSES
 from scripts.networks import AdditiveFusion, CalibratedFusion, EncoderMismatchError, RoomLite
 
@@ -87,13 +88,11 @@ def test_tensorboard_has_each_epochs_own_cache_hit_rates(trained):
 
 
 @pytest.mark.parametrize("value", [12, 0.5])
-def test_grad_clip_norm_from_the_command_line_bounds_the_training_steps(value):
+def test_grad_clip_norm_in_the_config_reaches_the_clipping_handler(value):
     parser = ConfigParser()
     parser.read_config(TRAIN)
     parser.update({**TINY, "grad_clip_norm": value})
-    (clipper,) = [
-        h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "GradientNorm"
-    ]
+    (clipper,) = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, GradientNorm)]
     assert clipper.max_norm == value
 
 
